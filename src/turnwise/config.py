@@ -1,0 +1,260 @@
+"""JobConfig: the one place for defaults.
+
+A YAML file and `--set a.b=c` overrides only change it. Unknown keys fail with the key's
+path and the closest valid name. Hyperparameter names follow the managed service
+(`global_batch_size`, `group_size`, `loss_fn`, ...), so they sit flat at the top level;
+engine and plumbing settings live in sections.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from turnwise.types import AdvantageOptions, LossOptions, SamplingParams
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of the built-in tiny model (a Qwen2 causal LM with our own BPE tokenizer)."""
+
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary, special tokens included")
+    hidden_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(4096, ge=64)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    path: str | None = None
+    """A local Hugging Face model directory; None builds (once) and uses the built-in tiny model."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    cache_dir: str = "~/.cache/turnwise/models"
+    """Where the built-in tiny model is written, keyed by its config."""
+    tool_call_format: Literal["auto", "hermes", "llama3_json"] = "auto"
+    """How tool calls are written in text; auto detects it from the chat template."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SamplerConfig(_Section):
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences decoded together."""
+
+
+class DataConfig(_Section):
+    train_path: str | None = None
+    """Task file (JSONL, Parquet or CSV) for training."""
+    val_path: str | None = None
+    """Task file for validation (temperature 0)."""
+    test_path: str | None = None
+    """Held-out task file for `turnwise eval`."""
+    shuffle: bool = True
+
+
+class AgentConfig(_Section):
+    kind: Literal["python"] = "python"
+    """python: an in-process async function."""
+    function: str | None = None
+    """`module:function` of the agent: async def agent(task, client, ctx) -> reward."""
+    concurrency: int = Field(64, ge=1)
+    """Most rollouts running at once."""
+    rollout_timeout: float = Field(300.0, gt=0)
+    """Seconds before a rollout counts as failed."""
+
+
+class WarmStartConfig(_Section):
+    """Supervised warm start (cross_entropy on assistant tokens of demonstrations) before RL."""
+
+    demos_path: str | None = None
+    """JSONL of {"messages": [...], "tools": [...]}; None skips the warm start."""
+    epochs: int = Field(1, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class TrackingConfig(_Section):
+    mlflow: bool = True
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI when set, else a SQLite store under output_dir."""
+    experiment: str = "turnwise"
+    progress: bool = True
+    """Rich progress bar in the terminal."""
+
+
+class RuntimeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    """0 picks a free port."""
+    api_keys: tuple[str, ...] = ()
+    """Bearer keys; required when binding beyond loopback."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+
+class AsyncConfig(_Section):
+    max_steps_off_policy: int = Field(0, ge=0)
+    """0 = synchronous: every rollout of a step is sampled by the current weights."""
+
+
+class JobConfig(_Section):
+    """Everything a training or evaluation job needs."""
+
+    name: str = "turnwise"
+    output_dir: str = "runs"
+    seed: int = 0
+
+    # batch shape and schedule
+    global_batch_size: int = Field(128, ge=1)
+    group_size: int = Field(8, ge=1)
+    max_steps: int | None = Field(None, ge=0)
+    max_epochs: int = Field(1, ge=1)
+    val_every: int = Field(0, ge=0)
+    """Validate every N steps (0: only before and after training)."""
+    val_group_size: int = Field(1, ge=1)
+
+    # advantages and losses
+    advantage_method: str = "group_based"
+    normalize_std: bool = True
+    gamma: float = Field(1.0, ge=0, le=1)
+    loss_fn: str = "ppo"
+    clip_low_threshold: float = Field(0.8, gt=0)
+    clip_high_threshold: float = Field(1.2, gt=0)
+    clip_ratio_c: float | None = None
+    ratio_level: Literal["token", "sequence"] = "token"
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg_norm: float | None = None
+    tis_cap: float | None = None
+
+    # sampling
+    temperature: float = Field(1.0, ge=0)
+    sampling_top_p: float = Field(1.0, gt=0, le=1)
+    sampling_max_tokens: int = Field(256, ge=1)
+
+    # evaluation
+    pass_k_values: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    success_threshold: float = 1.0
+
+    # optimizer
+    learning_rate: float = Field(1e-5, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora_rank: int = Field(0, ge=0)
+    """0 trains every weight; >0 trains LoRA adapters of this rank."""
+    lora_alpha: int = Field(16, ge=1)
+
+    model: ModelConfig = ModelConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    data: DataConfig = DataConfig()
+    agent: AgentConfig = AgentConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    async_config: AsyncConfig = AsyncConfig()
+
+    def sampling_params(self, *, greedy: bool = False) -> SamplingParams:
+        return SamplingParams(
+            temperature=0.0 if greedy else self.temperature,
+            top_p=1.0 if greedy else self.sampling_top_p,
+            max_tokens=self.sampling_max_tokens,
+        )
+
+    def loss_options(self) -> LossOptions:
+        return LossOptions(
+            clip_low_threshold=self.clip_low_threshold, clip_high_threshold=self.clip_high_threshold,
+            clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level,
+            loss_agg_mode=self.loss_agg_mode, loss_agg_norm=self.loss_agg_norm, tis_cap=self.tis_cap,
+        )
+
+    def advantage_options(self) -> AdvantageOptions:
+        return AdvantageOptions(normalize_std=self.normalize_std, gamma=self.gamma)
+
+
+_PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
+              ("warm_start", "demos_path"), ("model", "path"))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML file (optional), apply `a.b=c` overrides, validate.
+
+    Relative paths in the file (data, demos, model) are taken relative to the file.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        raw = loaded
+        base = path.resolve().parent
+        for section, key in _PATH_KEYS:
+            value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                raw[section][key] = str(base / value)
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: Mapping[str, Any]) -> JobConfig:
+    _check_keys(raw, JobConfig, "")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], prefix: str) -> None:
+    fields = model.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {prefix}{key!r} must be a section (a mapping)")
+            _check_keys(value, annotation, f"{prefix}{key}.")

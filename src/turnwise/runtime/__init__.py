@@ -1,0 +1,1 @@
+"""turnwise.runtime"""

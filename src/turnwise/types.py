@@ -1,0 +1,338 @@
+"""Every data contract that crosses a module boundary.
+
+Frozen dataclasses, no torch. Shape suffixes name dimensions: `_T` tokens of one sequence,
+`_G` members of a group, `_D` datums of a batch, `_B_T` a padded batch of sequences.
+Pydantic appears only where bytes enter or leave (HTTP bodies in `runtime`, files in `config`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call requested by the model, in OpenAI's shape."""
+
+    id: str
+    """Call id; tool results refer to it with `tool_call_id`."""
+    name: str
+    """Function name."""
+    arguments: str
+    """Arguments as JSON text, exactly as produced (never re-serialized)."""
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message in OpenAI's shape."""
+
+    role: str
+    """system | user | assistant | tool."""
+    content: str = ""
+    """Text content ("" when an assistant message only calls tools)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls requested by an assistant message."""
+    tool_call_id: str | None = None
+    """For a tool message: the call it answers."""
+    name: str | None = None
+    """For a tool message: the tool's name (optional in OpenAI's protocol)."""
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict a chat template renders: tool-call arguments as parsed objects."""
+        out = self.to_openai()
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": _parse_json_or_text(c.arguments)}}
+                for c in self.tool_calls
+            ]
+        return out
+
+    def same_as(self, other: Message) -> bool:
+        """Equal as a conversation turn: tool-call JSON compared by value, not by formatting."""
+        if (self.role, self.content, self.tool_call_id) != (other.role, other.content, other.tool_call_id):
+            return False
+        if len(self.tool_calls) != len(other.tool_calls):
+            return False
+        return all(
+            a.name == b.name and _parse_json_or_text(a.arguments) == _parse_json_or_text(b.arguments)
+            for a, b in zip(self.tool_calls, other.tool_calls, strict=True)
+        )
+
+
+def _parse_json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task row from a task file."""
+
+    id: str
+    """Stable id (the row's `id` field, or its index in the file)."""
+    row: Mapping[str, Any]
+    """The row as loaded; the agent receives it unchanged."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one completion."""
+
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus mass kept."""
+    max_tokens: int = 256
+    """Most completion tokens."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: sampling ends at the token that completes one; the returned text omits it."""
+    seed: int | None = None
+    """Per-request seed for reproducible sampling."""
+
+
+class FinishReason(str, enum.Enum):
+    """Why the sampler ended a completion."""
+
+    STOP = "stop"
+    """An end-of-turn token or a stop string."""
+    LENGTH = "length"
+    """max_tokens reached (or the model's context)."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the sampler returns for one request."""
+
+    token_ids: tuple[int, ...]
+    """Sampled token ids, including the end-of-turn token when one was sampled."""
+    logprobs: tuple[float, ...]
+    """Logprob of each sampled token under the temperature-scaled policy (raw logits when greedy)."""
+    finish_reason: FinishReason
+    """Why it ended."""
+    version: int
+    """Policy version (weights) that sampled every token of this completion."""
+    prompt_tokens: int = 0
+    """Prompt tokens the sampler computed (prefill), excluding any reused prefix KV."""
+
+
+class TrajectoryStatus(str, enum.Enum):
+    """Lifecycle of a rollout. Allowed moves are in `TRAJECTORY_TRANSITIONS`."""
+
+    IN_PROGRESS = "in_progress"
+    READY = "ready"
+    FAILED = "failed"
+    REWARDED = "rewarded"
+
+
+TRAJECTORY_TRANSITIONS: Mapping[TrajectoryStatus, frozenset[TrajectoryStatus]] = {
+    TrajectoryStatus.IN_PROGRESS: frozenset({TrajectoryStatus.READY, TrajectoryStatus.FAILED}),
+    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED}),
+    TrajectoryStatus.FAILED: frozenset(),
+    TrajectoryStatus.REWARDED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One sampled assistant turn, recorded token-exactly by the runtime."""
+
+    index: int
+    """0-based position in the trajectory."""
+    prompt_ids: tuple[int, ...]
+    """The full prompt the sampler processed for this turn."""
+    completion_ids: tuple[int, ...]
+    """Sampled token ids."""
+    logprobs: tuple[float, ...]
+    """Sampler logprob of each completion token."""
+    version: int
+    """Policy version that sampled this turn."""
+    finish_reason: FinishReason
+    """Why sampling ended."""
+    message: Message
+    """The assistant message returned to the agent (parsed tool calls)."""
+    tool_parse_error: bool = False
+    """The completion looked like a tool call but could not be parsed; it was returned as text."""
+    reused_prompt_tokens: int = 0
+    """Leading prompt tokens taken from the stored conversation instead of re-tokenized."""
+    request_messages: tuple[Message, ...] = ()
+    """The messages the agent sent for this turn."""
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One rollout: every turn of one agent run on one task, plus its outcome."""
+
+    id: str
+    """Trajectory id (the header's value)."""
+    job_id: str
+    """Job it belongs to."""
+    status: TrajectoryStatus
+    """Lifecycle state."""
+    turns: tuple[Turn, ...] = ()
+    """Sampled turns in order."""
+    rewards: tuple[float, ...] = ()
+    """One value for the whole rollout, or one per turn; empty until rewarded."""
+    tools: tuple[Mapping[str, Any], ...] = ()
+    """OpenAI tool schemas the agent offered (from the first turn)."""
+    error: str | None = None
+    """Why it failed, when it did."""
+
+    @property
+    def reward(self) -> float:
+        """Scalar outcome: the single reward, or the sum of per-turn rewards."""
+        return float(sum(self.rewards))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One training sequence cut from a trajectory: consecutive turns whose tokens extend each other."""
+
+    trajectory_id: str
+    """Source trajectory."""
+    tokens_T: tuple[int, ...]
+    """Every token the sampler processed or produced, in order."""
+    loss_mask_T: tuple[int, ...]
+    """1 on sampled tokens, 0 on prompt and tool-result tokens."""
+    logprobs_T: tuple[float, ...]
+    """Sampler logprob on sampled tokens, 0.0 elsewhere."""
+    turn_T: tuple[int, ...]
+    """Turn index of each sampled token, -1 elsewhere."""
+    versions_T: tuple[int, ...]
+    """Policy version of each sampled token, -1 elsewhere."""
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """What the dispatcher learned from running one agent on one task."""
+
+    task: Task
+    """The task."""
+    trajectory: Trajectory
+    """The recorded trajectory (after complete-rollout and update-reward)."""
+    seconds: float
+    """Wall time of the agent run."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Numbers the agent or its reward reported (tool calls, tool errors, ...)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """The `group_size` rollouts of one task; advantages compare within it."""
+
+    task: Task
+    """The shared task."""
+    rollouts_G: tuple[RolloutResult, ...]
+    """Its rollouts."""
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One segment with its per-token advantages: the unit the loss consumes."""
+
+    segment: Segment
+    """Tokens, mask and behavior logprobs."""
+    advantages_T: tuple[float, ...]
+    """Advantage of each token (0 where the mask is 0)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything one optimizer step trains on."""
+
+    datums_D: tuple[Datum, ...]
+    """Training sequences."""
+    groups: tuple[Group, ...]
+    """The groups they came from."""
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Knobs of the policy losses (names as in the config)."""
+
+    clip_low_threshold: float = 0.8
+    """Lower bound on the importance ratio r."""
+    clip_high_threshold: float = 1.2
+    """Upper bound on the importance ratio r."""
+    clip_ratio_c: float | None = None
+    """Dual-clip bound for negative advantages (PPO only); None disables it."""
+    ratio_level: str = "token"
+    """token | sequence (GSPO: geometric mean of token ratios per sequence)."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    loss_agg_norm: float | None = None
+    """Fixed normalizer for seq-mean-token-sum-norm (Dr. GRPO); None = max_tokens of the batch."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap on exp(logp_trainer_old - logp_sampler); None disables it."""
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    """Knobs of the advantage estimators."""
+
+    normalize_std: bool = True
+    """Divide by the group std (GRPO); False gives Dr. GRPO."""
+    gamma: float = 1.0
+    """Discount for per-turn and token-level returns."""
+    eps: float = 1e-6
+    """Added to standard deviations."""
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """The inputs an advantage estimator needs about one rollout."""
+
+    group_id: str
+    """Rollouts with the same group id are compared with each other."""
+    trajectory_id: str
+    """For error messages."""
+    rewards: tuple[float, ...]
+    """One value, or one per turn."""
+    completion_lengths: tuple[int, ...]
+    """Sampled tokens in each turn."""
+
+
+def json_dumps_canonical(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def as_messages(raw: Sequence[Mapping[str, Any]]) -> tuple[Message, ...]:
+    """OpenAI message dicts to Messages (tool-call arguments kept as text)."""
+    out = []
+    for m in raw:
+        calls = tuple(
+            ToolCall(
+                id=str(c.get("id") or f"call_{i}"),
+                name=str(c["function"]["name"]),
+                arguments=c["function"]["arguments"]
+                if isinstance(c["function"].get("arguments"), str)
+                else json_dumps_canonical(c["function"].get("arguments", {})),
+            )
+            for i, c in enumerate(m.get("tool_calls") or ())
+        )
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+        out.append(Message(role=str(m["role"]), content=content or "", tool_calls=calls,
+                           tool_call_id=m.get("tool_call_id"), name=m.get("name")))
+    return tuple(out)
