@@ -156,6 +156,10 @@ class JobConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per forward/backward; gradients accumulate over a step (memory knob only)."""
+    num_substeps: int = Field(1, ge=1)
+    """Optimizer steps per batch of rollouts."""
     lora_rank: int = Field(0, ge=0)
     """0 trains every weight; >0 trains LoRA adapters of this rank."""
     lora_alpha: int = Field(16, ge=1)
@@ -252,7 +256,7 @@ def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], prefix: str) -> 
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         annotation = fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if not isinstance(value, Mapping):

@@ -1,0 +1,64 @@
+"""The support-desk environment: the SOP, the order tool, and the reward.
+
+The SOP maps an order's status to the one action an agent may take:
+
+    delivered -> close      in_transit -> wait      damaged -> refund      lost -> replace
+
+The agent must look the order up (its status is not in the customer's message), then answer
+with `<final_output>{"order_id": "...", "action": "..."}</final_output>`.
+The order database is per task (the task row's `order`), so concurrent rollouts share nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+SOP = {"delivered": "close", "in_transit": "wait", "damaged": "refund", "lost": "replace"}
+
+SYSTEM_PROMPT = (
+    "You are a support agent. Look up the order, then answer with "
+    '<final_output>{"order_id": ..., "action": ...}</final_output>. '
+    "SOP: delivered=close, in_transit=wait, damaged=refund, lost=replace."
+)
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "Get an order's status.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
+                       "required": ["order_id"]},
+    },
+}]
+
+
+def lookup_order(task: Mapping[str, Any], arguments: str) -> str:
+    """Run the tool against this task's order database; errors come back as text the model sees."""
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError:
+        return json.dumps({"error": "arguments are not valid JSON"})
+    if not isinstance(args, dict) or not isinstance(args.get("order_id"), str):
+        return json.dumps({"error": "order_id (a string) is required"})
+    order = task["order"]
+    if args["order_id"] != order["order_id"]:
+        return json.dumps({"error": f"order {args['order_id']} not found"})
+    return json.dumps({"order_id": order["order_id"], "status": order["status"]})
+
+
+_FINAL = re.compile(r"<final_output>(.*?)</final_output>", re.DOTALL)
+
+
+def reward(final_text: str, answer: Mapping[str, Any]) -> float:
+    """1.0 when the last <final_output> JSON object equals the ground truth exactly, else 0.0."""
+    blocks = _FINAL.findall(final_text or "")
+    if not blocks:
+        return 0.0
+    try:
+        got = json.loads(blocks[-1])
+    except json.JSONDecodeError:
+        return 0.0
+    return 1.0 if got == dict(answer) else 0.0

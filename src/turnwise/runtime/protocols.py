@@ -1,0 +1,51 @@
+"""The two things the runtime needs from a policy, as small Protocols.
+
+`turnwise.policy.sampler.SamplerEngine` and `turnwise.policy.chat.ChatFormat` satisfy them; so do
+the stubs in `turnwise.runtime.testing` (tests, benchmarks) and any other engine (vLLM, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from turnwise.types import Completion, Message, SamplingParams
+
+Tools = Sequence[Mapping[str, Any]] | None
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Samples one completion for a token prompt."""
+
+    @property
+    def version(self) -> int:
+        """Policy version of the current weights."""
+        ...
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion: ...
+
+
+@runtime_checkable
+class Chat(Protocol):
+    """Renders conversations to tokens and parses completions back to messages."""
+
+    @property
+    def stop_token_ids(self) -> Collection[int]:
+        """End-of-turn tokens: a completion ending with one can be extended by `delta_ids`."""
+        ...
+
+    def prompt_ids(self, messages: Sequence[Message], tools: Tools) -> list[int]:
+        """The full prompt for `messages`, with the generation prompt appended."""
+        ...
+
+    def delta_ids(self, prev: Sequence[Message], new: Sequence[Message], tools: Tools) -> list[int] | None:
+        """Tokens to append after a stream ending with the end-of-turn token of prev's last
+        (assistant) message, so that it becomes the prompt for `new`; None if not a prefix."""
+        ...
+
+    def parse_assistant(self, completion_ids: Sequence[int], tool_names: Collection[str]) -> tuple[Message, bool]:
+        """The assistant message in a completion, and whether a tool call failed to parse."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...

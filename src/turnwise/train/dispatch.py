@@ -1,0 +1,135 @@
+"""Run agents on tasks: `len(tasks) x group_size` rollouts with a concurrency limit.
+
+An in-process agent is `async def agent(task: dict, client: openai.AsyncOpenAI, ctx: RolloutContext)`.
+It returns its reward: a float, a list of floats (one per turn), or an object with `.value`
+(or `["reward"]`) and `.metrics`. The dispatcher then reports complete-rollout and
+update-reward over HTTP, the same path an external agent takes, and reads the recorded
+trajectory back. An agent that raises or times out yields a FAILED trajectory with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import math
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from turnwise.adapter.context import RolloutContext
+from turnwise.adapter.feedback import FeedbackClient
+from turnwise.types import Group, RolloutResult, Task, Trajectory, TrajectoryStatus
+
+AgentFn = Callable[[dict, Any, RolloutContext], Awaitable[Any]]
+
+
+class AgentLoadError(ValueError):
+    """`agent.function` does not name a usable async agent function."""
+
+
+def load_agent(spec: str | None) -> AgentFn:
+    """Import `module:function`; the current directory is importable (like `uvicorn --app-dir .`)."""
+    if not spec or ":" not in spec:
+        raise AgentLoadError(f"agent.function must look like 'package.module:function', got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise AgentLoadError(f"cannot import agent module {module_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise AgentLoadError(f"module {module_name!r} has no attribute {attr!r}")
+    if not inspect.iscoroutinefunction(fn):
+        raise AgentLoadError(f"{spec} must be an async function: async def agent(task, client, ctx)")
+    return fn
+
+
+def split_agent_return(value: Any) -> tuple[tuple[float, ...], dict[str, float]]:
+    """Agent return value -> (rewards, metrics). Raises ValueError on anything else."""
+    metrics: Mapping[str, Any] = {}
+    if isinstance(value, Mapping):
+        metrics = value.get("metrics") or {}
+        value = value.get("reward")
+    elif hasattr(value, "value"):
+        metrics = getattr(value, "metrics", None) or {}
+        value = value.value
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"agent returned {value!r}; expected a float or a list of floats")
+    rewards = (value,) if isinstance(value, int | float) else tuple(value)
+    if not rewards or not all(isinstance(r, int | float) and math.isfinite(r) for r in rewards):
+        raise ValueError(f"agent returned rewards {rewards!r}; expected finite numbers")
+    return tuple(float(r) for r in rewards), {str(k): float(v) for k, v in metrics.items()
+                                               if isinstance(v, int | float)}
+
+
+class Dispatcher:
+    """Runs rollouts of one agent against one runtime server."""
+
+    def __init__(self, agent: AgentFn, *, base_url: str, model: str,
+                 read_trajectory: Callable[[str], Trajectory | None],
+                 concurrency: int, timeout: float, api_key: str | None = None) -> None:
+        self.agent = agent
+        self.base_url = base_url
+        self.model = model
+        self.read_trajectory = read_trajectory
+        self.timeout = timeout
+        self.api_key = api_key
+        self.concurrency = concurrency
+
+    async def run_groups(self, tasks: Sequence[Task], group_size: int,
+                         inference_params: Mapping[str, Any]) -> list[Group]:
+        feedback = FeedbackClient(self.base_url, api_key=self.api_key)
+        limit = asyncio.Semaphore(self.concurrency)
+        try:
+            results = await asyncio.gather(*(
+                self._run_one(task, inference_params, feedback, limit)
+                for task in tasks for _ in range(group_size)))
+        finally:
+            await feedback.aclose()
+        return [Group(task=t, rollouts_G=tuple(results[i * group_size:(i + 1) * group_size]))
+                for i, t in enumerate(tasks)]
+
+    async def _run_one(self, task: Task, inference_params: Mapping[str, Any],
+                       feedback: FeedbackClient, limit: asyncio.Semaphore) -> RolloutResult:
+        async with limit:
+            ctx = RolloutContext(trajectory_id=f"traj-{uuid.uuid4().hex}", base_url=self.base_url,
+                                 model=self.model, inference_params=dict(inference_params),
+                                 api_key=self.api_key)
+            client = ctx.async_openai()
+            start = time.perf_counter()
+            error: str | None = None
+            metrics: dict[str, float] = {}
+            try:
+                value = await asyncio.wait_for(self.agent(dict(task.row), client, ctx), self.timeout)
+                rewards, metrics = split_agent_return(value)
+            except asyncio.TimeoutError:
+                error = f"rollout timed out after {self.timeout:g}s"
+            except Exception as e:  # the agent is user code: any failure is that rollout's outcome
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                await client.close()
+            seconds = time.perf_counter() - start
+            if error is None and self.read_trajectory(ctx.trajectory_id) is None:
+                error = "the agent made no model call"
+            if error is None:
+                await feedback.complete_rollout(ctx.trajectory_id, "ready")
+                await feedback.update_reward(ctx.trajectory_id, list(rewards))
+            elif self.read_trajectory(ctx.trajectory_id) is not None:
+                await feedback.complete_rollout(ctx.trajectory_id, "failed")
+            trajectory = self.read_trajectory(ctx.trajectory_id) or Trajectory(
+                id=ctx.trajectory_id, job_id="", status=TrajectoryStatus.FAILED)
+            if error is not None:
+                trajectory = _with_error(trajectory, error)
+            return RolloutResult(task=task, trajectory=trajectory, seconds=seconds, metrics=metrics)
+
+
+def _with_error(trajectory: Trajectory, error: str) -> Trajectory:
+    from dataclasses import replace
+
+    return replace(trajectory, status=TrajectoryStatus.FAILED, error=error)

@@ -1,0 +1,70 @@
+"""The embedded default: policy, sampler engine, trajectory store and runtime server in one process.
+
+The server still listens on 127.0.0.1 and agents still call it with the OpenAI SDK, so the
+code path is the one a cluster uses. Training, evaluation and verification all start here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from turnwise.config import JobConfig
+from turnwise.policy.chat import ChatFormat
+from turnwise.policy.load import load_policy
+from turnwise.policy.sampler import SamplerEngine
+from turnwise.runtime.app import create_app
+from turnwise.runtime.server import RuntimeServer
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.train.dispatch import AgentFn, Dispatcher
+
+T = TypeVar("T")
+
+
+class EmbeddedRuntime:
+    """Owns the trainer's model, a sampler copy of it, and a runtime server on loopback."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path, job_id: str, model_path: str | None = None) -> None:
+        model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
+        self.cfg = cfg
+        self.model, self.tokenizer = load_policy(model_cfg)
+        self.chat = ChatFormat(self.tokenizer, cfg.model.tool_call_format)
+        self.engine = SamplerEngine(copy.deepcopy(self.model), self.tokenizer,
+                                    max_batch_size=cfg.sampler.max_batch_size)
+        self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
+        self.model_name = job_id
+        app = create_app(sampler=self.engine, chat=self.chat, store=self.store, model_name=self.model_name,
+                         default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
+                         max_body_bytes=cfg.runtime.max_body_bytes)
+        self.server = RuntimeServer(app, host=cfg.runtime.host, port=cfg.runtime.port)
+        self.loop = asyncio.new_event_loop()
+
+    def __enter__(self) -> EmbeddedRuntime:
+        self.engine.start()
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.engine.close()
+        self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def dispatcher(self, agent: AgentFn) -> Dispatcher:
+        api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
+        return Dispatcher(agent, base_url=self.server.base_url, model=self.model_name,
+                          read_trajectory=self.store.get, concurrency=self.cfg.agent.concurrency,
+                          timeout=self.cfg.agent.rollout_timeout, api_key=api_key)
+
+    def push_weights(self) -> int:
+        """Send the trainer's current weights to the sampler; returns the new policy version."""
+        with torch.no_grad():
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.engine.update_weights(state)

@@ -1,0 +1,96 @@
+"""A training job around the reference loop: run directory, loggers, agent, summary, plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from turnwise.config import JobConfig
+from turnwise.track import JsonlLogger, MlflowLogger, MultiLogger, default_tracking_uri
+from turnwise.train.dispatch import load_agent
+from turnwise.train.loop import TrainResult, train
+
+
+def new_run_dir(cfg: JobConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def make_logger(cfg: JobConfig, run_dir: Path, run_name: str) -> MultiLogger:
+    backends: list = [JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.tracking.mlflow:
+        uri = default_tracking_uri(cfg.output_dir, cfg.tracking.tracking_uri)
+        backends.append(MlflowLogger(uri, cfg.tracking.experiment, run_name))
+    return MultiLogger(*backends)
+
+
+def run_train(cfg: JobConfig) -> tuple[TrainResult, dict]:
+    """Train, then write `summary.json` and `reward_curve.png` into the run directory."""
+    agent = load_agent(cfg.agent.function)
+    run_dir = new_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    logger = make_logger(cfg, run_dir, run_dir.name)
+    logger.log_params(flatten(cfg.model_dump(mode="json")))
+    try:
+        result = train(cfg, agent, run_dir, logger)
+        curve = plot_reward_curve(run_dir)
+        if curve:
+            logger.log_artifact(curve)
+        logger.log_artifact(run_dir / "metrics.jsonl")
+    finally:
+        logger.close()
+    mlflow_logger = logger.find(MlflowLogger)
+    summary = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()},
+               "reward_curve": str(run_dir / "reward_curve.png"),
+               "mlflow_tracking_uri": mlflow_logger.tracking_uri if mlflow_logger else None,
+               "mlflow_run_id": mlflow_logger.run_id if mlflow_logger else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result, summary
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def plot_reward_curve(run_dir: Path) -> Path | None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    train_pts = [(r["step"], r["rollout/reward/mean"]) for r in rows if "rollout/reward/mean" in r]
+    val_pts = [(r["step"], r["val/reward/mean"]) for r in rows if "val/reward/mean" in r]
+    if not train_pts and not val_pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train_pts:
+        ax.plot(*zip(*train_pts, strict=True), label="rollout/reward/mean")
+    if val_pts:
+        ax.plot(*zip(*val_pts, strict=True), marker="o", label="val/reward/mean (temperature 0)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = run_dir / "reward_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
