@@ -283,6 +283,10 @@ class LossOptions:
     """Fixed normalizer for seq-mean-token-sum-norm (Dr. GRPO); None = max_tokens of the batch."""
     tis_cap: float | None = None
     """Truncated importance-sampling cap on exp(logp_trainer_old - logp_sampler); None disables it."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference policy, added to the loss; 0 disables it."""
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3: Schulman's per-token estimators of KL(policy || reference)."""
 
 
 @dataclass(frozen=True)

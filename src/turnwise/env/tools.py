@@ -13,9 +13,9 @@ rollout's state object there (an `Episode`, a dict, anything).
 
 `ToolBox.call` never raises for a bad call: unknown tool, invalid JSON, invalid arguments,
 `ToolError` and any other exception become a `ToolResult(is_error=True)` whose content the
-model reads ("Error: ..."). Cancellation still propagates. Results are serialized
-deterministically: a `str` is passed through, anything else goes through
-`json_dumps_canonical` (sorted keys, no whitespace).
+model reads ("Error: ..."). Cancellation and `EnvironmentFault` (a broken environment, not a
+bad call) still propagate. Results are serialized deterministically: a `str` is passed
+through, anything else goes through `json_dumps_canonical` (sorted keys, no whitespace).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 class ToolError(Exception):
     """Raise inside a tool for an expected failure; the model sees only the message."""
+
+
+class EnvironmentFault(Exception):
+    """A fault of the environment, not of the model's call (a cassette miss under the "raise"
+    policy): it propagates out of `ToolBox.call` instead of becoming a tool message."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,8 @@ class ToolBox:
             return ToolResult(content=serialize_result(out))
         except ToolError as e:
             return _error("tool_error", str(e))
+        except EnvironmentFault:
+            raise
         except Exception as e:  # the model must see it; the agent's loop must not crash
             return _error("exception", f"{name} failed: {type(e).__name__}: {e}")
 

@@ -165,6 +165,13 @@ def _parse_llama3_json(text: str, tool_names: Collection[str] | None) -> tuple[s
     if not body.startswith("{"):
         return None if tagged else (body, ())
     decoder = json.JSONDecoder()
+    if not tagged:
+        try:
+            first, _ = decoder.raw_decode(body)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(first, dict) and "name" not in first:
+            return body, ()
     calls = []
     pos = 0
     while pos < len(body):

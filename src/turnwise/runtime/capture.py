@@ -81,7 +81,8 @@ def plan_prompt(previous: Trajectory | None, messages: Sequence[Message],
         return full(PlanReason.TOOLS_CHANGED)
     if not last.completion_ids or last.completion_ids[-1] not in chat.stop_token_ids:
         return full(PlanReason.UNTERMINATED)
-    delta = chat.delta_ids(history, messages, tools)
+    # the stored messages stand in for the agent's (equal, maybe differently serialized) echoes
+    delta = chat.delta_ids(history, messages[len(history):], tools)
     if delta is None:
         return full(PlanReason.NO_DELTA)
     reused = last.prompt_ids + last.completion_ids

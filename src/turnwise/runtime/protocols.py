@@ -41,7 +41,8 @@ class Chat(Protocol):
 
     def delta_ids(self, prev: Sequence[Message], new: Sequence[Message], tools: Tools) -> list[int] | None:
         """Tokens to append after a stream ending with the end-of-turn token of prev's last
-        (assistant) message, so that it becomes the prompt for `new`; None if not a prefix."""
+        (assistant) message, so that it becomes the prompt for `prev + new` (`new`: only the
+        messages after prev); None when the template's rendering of prev is not a prefix."""
         ...
 
     def parse_assistant(self, completion_ids: Sequence[int], tool_names: Collection[str]) -> tuple[Message, bool]:

@@ -283,22 +283,27 @@ class TrajectoryStore:
 
     def set_rewards(self, trajectory_id: str, rewards: Sequence[float] | float, *,
                     client_token: str | None = None) -> None:
-        """Reward a READY trajectory (one value, or one per turn); it becomes REWARDED."""
+        """Reward a READY trajectory (one value, or one per turn); it becomes REWARDED.
+
+        A FAILED trajectory may take one reward too and stays FAILED (compatibility, see below).
+        """
         values = (float(rewards),) if isinstance(rewards, int | float) else tuple(float(r) for r in rewards)
         if not values or not all(math.isfinite(v) for v in values):
             raise ValueError("rewards must be one or more finite numbers")
         with self._tx() as conn:
             row = self._status(conn, trajectory_id)
             current = TrajectoryStatus(row["status"])
-            if client_token is not None:
-                prior = conn.execute("SELECT rewards, client_token FROM rewards WHERE job_id=? AND trajectory_id=?",
-                                     (self.job_id, trajectory_id)).fetchone()
-                if prior is not None and prior["client_token"] == client_token:
-                    if tuple(json.loads(prior["rewards"])) != values:
-                        raise ClientTokenConflict(f"ClientToken {client_token!r} already rewarded trajectory "
-                                                  f"{trajectory_id!r} with other values")
-                    return
-            if TrajectoryStatus.REWARDED not in TRAJECTORY_TRANSITIONS[current]:
+            prior = conn.execute("SELECT rewards, client_token FROM rewards WHERE job_id=? AND trajectory_id=?",
+                                 (self.job_id, trajectory_id)).fetchone()
+            if prior is not None and client_token is not None and prior["client_token"] == client_token:
+                if tuple(json.loads(prior["rewards"])) != values:
+                    raise ClientTokenConflict(f"ClientToken {client_token!r} already rewarded trajectory "
+                                              f"{trajectory_id!r} with other values")
+                return
+            # A failed trajectory keeps its status but may carry a reward: the managed agent SDK's
+            # report_error sends complete-rollout(failed) and then update-reward(0.0).
+            failed_unrewarded = current == TrajectoryStatus.FAILED and prior is None
+            if TrajectoryStatus.REWARDED not in TRAJECTORY_TRANSITIONS[current] and not failed_unrewarded:
                 raise TransitionError(f"trajectory {trajectory_id!r} is {current.value}: not in valid status "
                                       f"for update-reward (needs ready, after complete-rollout)")
             n_turns = row["n_turns"]
@@ -308,8 +313,9 @@ class TrajectoryStore:
             now = time.time()
             conn.execute("INSERT INTO rewards VALUES (?, ?, ?, ?, ?)",
                          (self.job_id, trajectory_id, json.dumps(values), client_token, now))
+            new_status = current if failed_unrewarded else TrajectoryStatus.REWARDED
             conn.execute("UPDATE trajectories SET status=?, updated_at=? WHERE job_id=? AND id=?",
-                         (TrajectoryStatus.REWARDED.value, now, self.job_id, trajectory_id))
+                         (new_status.value, now, self.job_id, trajectory_id))
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ class ByteChat:
     def delta_ids(self, prev: Sequence[Message], new: Sequence[Message],
                   tools: Sequence[Mapping[str, Any]] | None) -> list[int] | None:
         before = self.render_text(prev, tools, False)
-        after = self.render_text(new, tools, True)
+        after = self.render_text([*prev, *new], tools, True)
         end = before.rfind("<|im_end|>")
         if end < 0 or not after.startswith(before):
             return None
@@ -123,3 +123,37 @@ class ScriptedSampler:
             ids, finish = ids[:params.max_tokens], FinishReason.LENGTH
         return Completion(token_ids=ids, logprobs=(self.logprob,) * len(ids), finish_reason=finish,
                           version=self.version, prompt_tokens=len(prompt_ids))
+
+
+def stub_app(store: Any, *, reply: str = "ok", **kwargs: Any) -> Any:
+    """A runtime app over `store` whose policy answers `reply` instantly (ByteChat tokens)."""
+    from turnwise.runtime.app import create_app
+
+    chat = ByteChat()
+    ids = chat.encode(reply) + [IM_END]
+    return create_app(sampler=ScriptedSampler(lambda _: ids), chat=chat, store=store, model_name="stub",
+                      default_params=SamplingParams(max_tokens=256), **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m turnwise.runtime.testing --db PATH --port N`: a runtime server with a stub policy
+    (for crash tests and benchmarks of the runtime alone)."""
+    import argparse
+
+    import uvicorn
+
+    from turnwise.runtime.store import TrajectoryStore
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--job", default="job")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--reply", default="ok")
+    args = parser.parse_args(argv)
+    app = stub_app(TrajectoryStore(args.db, args.job), reply=args.reply)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Sampler throughput: turnwise's SamplerEngine vs Hugging Face `model.generate`, side by side in one run.
+
+Workload: C concurrent two-turn conversations (C = 1, 16, 64). Turn 1 samples N tokens after a
+chat-templated prompt (system text, tool schemas, a user question); turn 2 appends the turn-1
+completion and a new user message and samples N more. Greedy, end-of-turn ignored, so both
+sides produce exactly the same number of tokens from the same prompts.
+
+- ours: every request of a turn submitted at once; the engine batches them (continuous
+  batching) and turn 2 reuses turn 1's KV (`cache_key` = conversation id).
+- generate, per request: one `model.generate` call per conversation turn, as an agent loop that
+  calls generate itself runs. This is the baseline the headline ratio uses.
+- generate, static batch: all C prompts of a turn left-padded into one `generate` call; shown
+  for reference (it needs every request up front, which concurrent agents do not give).
+
+It also measures this machine's fp32 matmul GFLOP/s and reports each side's model FLOP/s as a
+fraction of it (FLOPs = 2 x weights used per token, plus attention over the context).
+The last line is `sampler_speedup_64: <ours / generate per request at C=64>`.
+
+Usage: python bench/sampler.py [--tokens N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from turnwise.config import ModelConfig, TinyModelConfig
+from turnwise.policy import ChatFormat, SamplerEngine, load_policy
+from turnwise.types import Message, SamplingParams
+
+TOOLS = [{"type": "function", "function": {"name": n, "description": d, "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
+    for n, d in [("get_order", "Look up an order."), ("refund_order", "Refund an order.")]]
+MODELS = {
+    "tiny (default)": TinyModelConfig(),
+    "~20M qwen2": TinyModelConfig(vocab_size=4096, hidden_size=384, num_hidden_layers=8, num_attention_heads=6,
+                                  num_key_value_heads=2, intermediate_size=1536),
+}
+Conversation = list[int]
+
+
+def matmul_gflops(seconds: float = 0.5, n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model: PreTrainedModel, context: int) -> float:
+    cfg = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if cfg.tie_word_embeddings:
+        weights += cfg.vocab_size * cfg.hidden_size
+    return 2 * weights + 4 * cfg.num_hidden_layers * context * cfg.hidden_size
+
+
+def prompts(chat: ChatFormat, count: int) -> list[tuple[list[int], list[int]]]:
+    """(turn-1 prompt, turn-2 suffix after the completion) per conversation; lengths vary."""
+    out = []
+    for i in range(count):
+        question = f"Hi, order ORD-{4000 + 71 * i} arrived damaged." + " It was a gift." * (i % 6)
+        first = [Message("system", "You are a support agent."), Message("user", question)]
+        reply = [*first, Message("assistant", "x")]
+        delta = chat.delta_ids(reply, [Message("user", f"Also refund {i % 9 + 1} items?")], TOOLS)
+        assert delta is not None
+        out.append((chat.prompt_ids(first, TOOLS), delta))
+    return out
+
+
+def run_ours(model: PreTrainedModel, tok: PreTrainedTokenizerBase, convs: list[tuple[list[int], list[int]]],
+             n_new: int) -> tuple[float, int]:
+    params = SamplingParams(temperature=0.0, max_tokens=n_new)
+    with SamplerEngine(model, tok, stop_token_ids=(), max_batch_size=64) as engine:
+        engine.submit(convs[0][0], SamplingParams(temperature=0.0, max_tokens=2)).result()
+        start = time.perf_counter()
+        first = [engine.submit(p, params, cache_key=f"c{i}") for i, (p, _) in enumerate(convs)]
+        firsts = [f.result() for f in first]
+        second = [engine.submit(p + list(c.token_ids) + d, params, cache_key=f"c{i}")
+                  for i, ((p, d), c) in enumerate(zip(convs, firsts, strict=True))]
+        done = [f.result() for f in second]
+        seconds = time.perf_counter() - start
+    assert all(len(c.token_ids) == n_new for c in [*firsts, *done])
+    return seconds, sum(c.prompt_tokens for c in [*firsts, *done])
+
+
+def _generate(model: PreTrainedModel, batch: list[list[int]], n_new: int, pad: int) -> list[list[int]]:
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                             do_sample=False, eos_token_id=None, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+def run_generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, convs: list[tuple[list[int], list[int]]],
+                 n_new: int, batched: bool) -> tuple[float, int]:
+    pad = int(tok.pad_token_id)
+    _generate(model, [convs[0][0]], 2, pad)
+    group = len(convs) if batched else 1
+    start = time.perf_counter()
+    computed = 0
+    for lo in range(0, len(convs), group):
+        chunk = convs[lo: lo + group]
+        firsts = _generate(model, [p for p, _ in chunk], n_new, pad)
+        seconds_turn = [p + c + d for (p, d), c in zip(chunk, firsts, strict=True)]
+        _generate(model, seconds_turn, n_new, pad)
+        computed += sum(len(p) for p, _ in chunk) + sum(len(s) for s in seconds_turn)
+    return time.perf_counter() - start, computed
+
+
+def bench_model(name: str, tiny: TinyModelConfig, cache: str, n_new: int, levels: list[int],
+                peak: float, say: Callable[[str], None]) -> dict[int, float]:
+    model, tok = load_policy(ModelConfig(cache_dir=cache, tiny=tiny))
+    chat = ChatFormat(tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"\n## {name}: {n_params / 1e6:.1f}M parameters, {n_new} new tokens per turn, 2 turns")
+    say(f"{'C':>3} {'engine':<24} {'seconds':>8} {'gen tok/s':>10} {'of matmul peak':>15} {'ratio':>7}")
+    ratios = {}
+    for c in levels:
+        convs = prompts(chat, c)
+        context = sum(len(p) for p, _ in convs) // c + n_new
+        per_tok = flops_per_token(model, context)
+        gen_tokens = 2 * c * n_new
+        useful = gen_tokens + sum(len(p) + len(d) for p, d in convs)
+        rows = [("ours", run_ours(model, tok, convs, n_new)),
+                ("generate, per request", run_generate(model, tok, convs, n_new, batched=False))]
+        if c > 1:
+            rows.append(("generate, static batch", run_generate(model, tok, convs, n_new, batched=True)))
+        ours_s = rows[0][1][0]
+        for label, (seconds, _) in rows:
+            frac = useful * per_tok / seconds / (peak * 1e9)
+            say(f"{c:>3} {label:<24} {seconds:>8.2f} {gen_tokens / seconds:>10.0f} {frac:>14.1%} "
+                f"{seconds / ours_s:>6.2f}x")
+        ratios[c] = rows[1][1][0] / ours_s
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per turn")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, C = 1 and 16")
+    args = parser.parse_args()
+    peak = matmul_gflops()
+    print(f"# sampler bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul {peak:.1f} GFLOP/s")
+    print("ratio = seconds of that engine / seconds of ours (higher: ours is faster)")
+    levels = [1, 16] if args.quick else [1, 16, 64]
+    models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
+    ratios: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for name, tiny in models.items():
+            got = bench_model(name, tiny, cache, args.tokens, levels, peak, print)
+            ratios = ratios or got
+    top = max(ratios)
+    print(f"\nsampler_speedup_{top}: {ratios[top]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The rollout an agent is working on, and the headers that tie its model calls to it.
+
+    ctx = RolloutContext(trajectory_id, base_url, model, inference_params)
+    client = ctx.async_openai()            # every call carries the trajectory headers
+    with rollout_scope(ctx):               # or: anywhere below, `headers()` reads the context
+        ...
+
+The context lives in a `contextvars.ContextVar`, so concurrent asyncio rollouts (and threads
+started with `contextvars.copy_context()`) each see their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+TRAJECTORY_HEADER = "X-Amzn-SageMaker-Trajectory-Id"
+TURNWISE_TRAJECTORY_HEADER = "X-Turnwise-Trajectory-Id"
+JOB_ARN_HEADER = "X-Amzn-SageMaker-Job-Arn"
+DEFAULT_API_KEY = "turnwise"
+"""Sent when no key is configured (the OpenAI SDK insists on one; a keyless server ignores it)."""
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """One rollout: which trajectory to record into, where, and how to sample."""
+
+    trajectory_id: str
+    """Trajectory id sent in the headers of every model call."""
+    base_url: str
+    """Runtime server root, e.g. http://127.0.0.1:8000 (the OpenAI base URL is this + /v1)."""
+    model: str
+    """Model name to pass to chat calls."""
+    inference_params: Mapping[str, Any] = field(default_factory=dict)
+    """Sampling settings from the trainer: temperature, top_p, max_tokens."""
+    job_arn: str | None = None
+    """Job the rollout belongs to (sent as X-Amzn-SageMaker-Job-Arn)."""
+    api_key: str | None = None
+    """Bearer key of the runtime server, when it requires one."""
+
+    def headers(self) -> dict[str, str]:
+        """Both trajectory header names, and the job ARN when known."""
+        out = {TRAJECTORY_HEADER: self.trajectory_id, TURNWISE_TRAJECTORY_HEADER: self.trajectory_id}
+        if self.job_arn:
+            out[JOB_ARN_HEADER] = self.job_arn
+        return out
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.base_url.rstrip("/") + "/v1"
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """`inference_params` as chat-completion keyword arguments (unset ones left out)."""
+        return {k: self.inference_params[k] for k in ("temperature", "top_p", "max_tokens")
+                if self.inference_params.get(k) is not None}
+
+    def async_openai(self, **kwargs: Any) -> openai.AsyncOpenAI:
+        """An AsyncOpenAI client for the runtime, sending this rollout's headers on every call."""
+        return openai.AsyncOpenAI(base_url=self.openai_base_url, api_key=self.api_key or DEFAULT_API_KEY,
+                                  default_headers=self.headers(), **kwargs)
+
+    def openai(self, **kwargs: Any) -> openai.OpenAI:
+        """A sync OpenAI client for the runtime, sending this rollout's headers on every call."""
+        return openai.OpenAI(base_url=self.openai_base_url, api_key=self.api_key or DEFAULT_API_KEY,
+                             default_headers=self.headers(), **kwargs)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], *, base_url: str | None = None,
+                     api_key: str | None = None) -> RolloutContext:
+        """From a push `/rollout` body (DESIGN.md; the managed agent SDK's contract)."""
+        meta = payload.get("metadata") or {}
+        trajectory_id = meta.get("trajectory_id") or meta.get("trajectoryId") or meta.get("rolloutId")
+        if not trajectory_id:
+            raise ValueError("rollout payload has no metadata.trajectory_id")
+        endpoint = base_url or meta.get("endpoint") or payload.get("model_endpoint")
+        if not endpoint:
+            raise ValueError("rollout payload has no metadata.endpoint (the runtime server URL)")
+        params = payload.get("inference_params") or payload.get("inferenceParams") or {}
+        return cls(trajectory_id=str(trajectory_id), base_url=str(endpoint), model=str(payload.get("model_name") or ""),
+                   inference_params=dict(params), job_arn=meta.get("job_arn") or meta.get("jobArn") or None,
+                   api_key=api_key)
+
+
+current_rollout: ContextVar[RolloutContext | None] = ContextVar("turnwise_current_rollout", default=None)
+"""The rollout of the running task, set by `rollout_scope` (and `rollout_handler`)."""
+
+
+def headers() -> dict[str, str]:
+    """The current rollout's headers; empty outside a rollout."""
+    ctx = current_rollout.get()
+    return ctx.headers() if ctx is not None else {}
+
+
+@contextmanager
+def rollout_scope(ctx: RolloutContext) -> Iterator[RolloutContext]:
+    """Make `ctx` the current rollout inside the block."""
+    token = current_rollout.set(ctx)
+    try:
+        yield ctx
+    finally:
+        current_rollout.reset(token)

@@ -1,0 +1,375 @@
+"""SamplerEngine: continuous-batching token sampler with a KV cache, prefix reuse and live weight updates.
+
+One engine owns one model copy and one background thread. Each iteration of the thread:
+
+1. admits the requests pending at that moment (up to `max_batch_size` rows in all): their
+   prompts are prefilled as one left-padded batch (or several, to bound the attention mask's
+   memory), reusing the cached KV of a previous turn when `cache_key` names one whose tokens
+   are a prefix of the new prompt, and their first token is sampled;
+2. merges them into the running batch (`kvbatch.KVBatch` re-pads rows of different lengths);
+3. runs one decode step for every running row and samples the next token;
+4. retires finished rows: resolves their futures and stores their KV under their `cache_key`.
+
+Sampling (per row): temperature T > 0 samples from softmax(logits / T) restricted to the
+top-p nucleus, with the request's own `torch.Generator` (seeded when `seed` is given); the
+logprob returned is log softmax(logits / T) of the sampled token (top-p does not change it).
+T = 0 is greedy and its logprob is taken from the raw logits. `logprobs.token_logprobs`
+recomputes the same numbers for training.
+
+`update_weights` copies new weights between two iterations (never during a forward pass);
+rows in flight keep decoding with the new weights. `Completion.version` is the version that
+sampled the completion's first token, i.e. the oldest weights that touched it. The prefix
+cache is cleared on every update because its KV was computed by the old weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from turnwise.policy.chat import stop_token_ids_for
+from turnwise.policy.kvbatch import KV, KVBatch, right_aligned
+from turnwise.types import Completion, FinishReason, SamplingParams
+
+# Bound on batch * query * key elements of one prefill's attention mask (64 MiB in fp32).
+_PREFILL_MASK_BUDGET = 16 * 1024 * 1024
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed before the request finished."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a completion within the model's context."""
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    future: Future[Completion]
+    cache_key: str | None
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    n_cached: int = 0
+    prompt_tokens: int = 0
+    version: int = -1
+    finish: FinishReason | None = None
+
+
+@dataclass
+class _PrefixEntry:
+    tokens: tuple[int, ...]
+    kv: list[KV]
+
+
+class SamplerEngine:
+    """Batched, thread-safe sampling of completions from one model copy."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch_size: int = 64,
+                 version: int = 0, prefix_cache_size: int = 256, copy_model: bool = True,
+                 stop_token_ids: Collection[int] | None = None) -> None:
+        """`copy_model=False` lets the engine use `model` itself; then nothing else may run it."""
+        self.model = copy.deepcopy(model) if copy_model else model
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.version = version
+        self.prefix_cache_size = prefix_cache_size
+        self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_token_ids_for(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids))
+        self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
+        self._dtype = next(self.model.parameters()).dtype
+        self._device = next(self.model.parameters()).device
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                         **dict(self.model.named_buffers(remove_duplicate=False))}
+        self._cond = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._rows: list[_Request] = []
+        self._batch: KVBatch | None = None
+        self._prefix: OrderedDict[str, _PrefixEntry] = OrderedDict()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> SamplerEngine:
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="turnwise-sampler", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; unfinished requests fail with `EngineClosedError`. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            leftovers, self._pending = self._pending, []
+        _fail([*leftovers, *self._rows], EngineClosedError("sampler engine closed"))
+        self._rows, self._batch = [], None
+
+    def __enter__(self) -> SamplerEngine:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               cache_key: str | None = None) -> Future[Completion]:
+        """Queue one request; the future resolves to its `Completion`. Thread-safe.
+
+        `cache_key` (e.g. a trajectory id) stores this sequence's KV when it finishes and reuses
+        the longest common prefix of the stored tokens for the next request with the same key.
+        """
+        future: Future[Completion] = Future()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            future.set_exception(ValueError("prompt_ids is empty"))
+            return future
+        if self.max_positions is not None and len(prompt) >= self.max_positions:
+            future.set_exception(PromptTooLongError(
+                f"prompt has {len(prompt)} tokens; the model's context is {self.max_positions}"))
+            return future
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator().manual_seed(
+                params.seed if params.seed is not None else secrets.randbits(63))
+        request = _Request(prompt, params, future, cache_key, generator)
+        if params.max_tokens <= 0:
+            future.set_result(Completion((), (), FinishReason.LENGTH, self.version, 0))
+            return future
+        with self._cond:
+            if self._closed:
+                future.set_exception(EngineClosedError("sampler engine closed"))
+                return future
+            self._pending.append(request)
+            self._cond.notify_all()
+        return future
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       cache_key: str | None = None) -> Completion:
+        """`submit` for asyncio callers."""
+        return await asyncio.wrap_future(self.submit(prompt_ids, params, cache_key))
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """Copy weights in between decode steps; returns the new version. Thread-safe."""
+        unknown = sorted(set(state_dict) - set(self._tensors))
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names not in the sampler's model, e.g. {unknown[:3]}")
+        with self._model_lock, torch.no_grad():
+            for name, tensor in state_dict.items():
+                self._tensors[name].copy_(tensor)
+            self._prefix.clear()
+            self.version += 1
+            return self.version
+
+    # ---- engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._rows:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                room = self.max_batch_size - len(self._rows)
+                newcomers, self._pending = self._pending[:room], self._pending[room:]
+            newcomers = [r for r in newcomers if r.future.set_running_or_notify_cancel()]
+            try:
+                with self._model_lock, torch.inference_mode():
+                    if newcomers:
+                        self._admit(newcomers)
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # a failed forward fails its requests, never the engine
+                _fail([*newcomers, *self._rows], e)
+                self._rows, self._batch = [], None
+
+    def _admit(self, newcomers: list[_Request]) -> None:
+        prefixes = [self._lookup(r) for r in newcomers]
+        order = sorted(range(len(newcomers)), key=lambda i: len(newcomers[i].prompt_ids) - _plen(prefixes[i]))
+        group: list[int] = []
+        for i in order:
+            trial = [*group, i]
+            suffix = max(len(newcomers[j].prompt_ids) - _plen(prefixes[j]) for j in trial)
+            past = max(_plen(prefixes[j]) for j in trial)
+            if group and len(trial) * suffix * (suffix + past) > _PREFILL_MASK_BUDGET:
+                self._prefill([newcomers[j] for j in group], [prefixes[j] for j in group])
+                trial = [i]
+            group = trial
+        if group:
+            self._prefill([newcomers[j] for j in group], [prefixes[j] for j in group])
+
+    def _prefill(self, reqs: list[_Request], prefixes: list[list[KV] | None]) -> None:
+        n_past = [_plen(p) for p in prefixes]
+        suffixes = [r.prompt_ids[n:] for r, n in zip(reqs, n_past, strict=True)]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((len(reqs), width), dtype=torch.long)
+        valid_in = torch.zeros((len(reqs), width), dtype=torch.bool)
+        for row, (suffix, n) in enumerate(zip(suffixes, n_past, strict=True)):
+            ids[row, width - len(suffix):] = torch.tensor(suffix)
+            pos[row, width - len(suffix):] = torch.arange(n, n + len(suffix))
+            valid_in[row, width - len(suffix):] = True
+        stacked = right_aligned(prefixes)
+        if stacked is None:
+            batch = KVBatch([], torch.zeros((len(reqs), 0), dtype=torch.bool, device=self._device))
+        else:
+            batch = KVBatch.from_kv(stacked[0], stacked[1], headroom=width)
+        cache = batch.cache()
+        mask = batch.step_mask(valid_in.to(self._device), self._dtype)
+        logits = self._forward(ids, pos, mask, cache)
+        if not batch.layers:
+            batch = KVBatch.from_kv([(layer.keys, layer.values) for layer in cache.layers], batch.valid_B_L)
+        for r, n, suffix in zip(reqs, n_past, suffixes, strict=True):
+            r.n_cached, r.prompt_tokens, r.version = n + len(suffix), len(suffix), self.version
+        self._sample(reqs, logits)
+        keep = self._retire(reqs, batch)
+        if keep:
+            batch = batch.select(keep)
+            kept = [reqs[i] for i in keep]
+            self._batch = batch if self._batch is None else KVBatch.concat(self._batch, batch)
+            self._rows = [*self._rows, *kept]
+
+    def _decode(self) -> None:
+        assert self._batch is not None
+        rows = self._rows
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long)
+        pos = torch.tensor([[r.n_cached] for r in rows], dtype=torch.long)
+        mask = self._batch.step_mask(torch.ones((len(rows), 1), dtype=torch.bool, device=self._device), self._dtype)
+        logits = self._forward(ids, pos, mask, self._batch.cache())
+        for r in rows:
+            r.n_cached += 1
+        self._sample(rows, logits)
+        keep = self._retire(rows, self._batch)
+        if len(keep) < len(rows):
+            self._rows = [rows[i] for i in keep]
+            self._batch = self._batch.select(keep) if keep else None
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
+        out = self.model(input_ids=ids.to(self._device), attention_mask=mask, position_ids=pos.to(self._device),
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1].float()
+
+    def _sample(self, reqs: list[_Request], logits_B_V: torch.Tensor) -> None:
+        tokens, logprobs = sample_tokens(logits_B_V, [r.params for r in reqs], [r.generator for r in reqs])
+        for r, tok, lp in zip(reqs, tokens, logprobs, strict=True):
+            r.tokens.append(tok)
+            r.logprobs.append(lp)
+            r.finish = self._finish_reason(r)
+
+    def _finish_reason(self, r: _Request) -> FinishReason | None:
+        if r.tokens[-1] in self.stop_token_ids:
+            return FinishReason.STOP
+        if r.params.stop:
+            window = 4 * max(len(s) for s in r.params.stop) + 4
+            tail = self.tokenizer.decode(r.tokens[-window:], skip_special_tokens=False)
+            if any(s and s in tail for s in r.params.stop):
+                return FinishReason.STOP
+        if len(r.tokens) >= r.params.max_tokens:
+            return FinishReason.LENGTH
+        if self.max_positions is not None and len(r.prompt_ids) + len(r.tokens) >= self.max_positions:
+            return FinishReason.LENGTH
+        return None
+
+    def _retire(self, reqs: list[_Request], batch: KVBatch) -> list[int]:
+        """Resolve finished rows (storing their KV by cache key); the indices of the others."""
+        keep = []
+        for row, r in enumerate(reqs):
+            if r.finish is None:
+                keep.append(row)
+                continue
+            if r.cache_key is not None and self.prefix_cache_size > 0:
+                self._store(r.cache_key, (*r.prompt_ids, *r.tokens[:-1]), batch.row_kv(row))
+            r.future.set_result(Completion(tuple(r.tokens), tuple(r.logprobs), r.finish, r.version, r.prompt_tokens))
+        return keep
+
+    # ---- prefix cache ----------------------------------------------------------------------------
+
+    def _lookup(self, r: _Request) -> list[KV] | None:
+        entry = self._prefix.get(r.cache_key) if r.cache_key is not None else None
+        if entry is None:
+            return None
+        self._prefix.move_to_end(r.cache_key)  # type: ignore[arg-type]
+        limit = min(len(entry.tokens), len(r.prompt_ids) - 1)
+        n = 0
+        while n < limit and entry.tokens[n] == r.prompt_ids[n]:
+            n += 1
+        if n == 0:
+            return None
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in entry.kv]
+
+    def _store(self, key: str, tokens: tuple[int, ...], kv: list[KV]) -> None:
+        if kv and kv[0][0].shape[2] != len(tokens):
+            return
+        self._prefix[key] = _PrefixEntry(tokens, kv)
+        self._prefix.move_to_end(key)
+        while len(self._prefix) > self.prefix_cache_size:
+            self._prefix.popitem(last=False)
+
+
+def sample_tokens(logits_B_V: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[float]]:
+    """One token per row and its logprob (see the module docstring for the convention)."""
+    batch, vocab = logits_B_V.shape
+    tokens = torch.empty(batch, dtype=torch.long)
+    logprobs = torch.empty(batch, dtype=torch.float32)
+    greedy = [i for i, p in enumerate(params) if p.temperature <= 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if greedy:
+        logits = logits_B_V[greedy].cpu()
+        tok = logits.argmax(dim=-1)
+        tokens[greedy] = tok
+        logprobs[greedy] = (logits.gather(1, tok[:, None]) - logits.logsumexp(dim=-1, keepdim=True)).squeeze(1)
+    if sampled:
+        temps = torch.tensor([params[i].temperature for i in sampled], dtype=torch.float32)
+        logp = torch.log_softmax(logits_B_V[sampled].cpu() / temps[:, None], dim=-1)
+        probs = logp.exp()
+        top_p = torch.tensor([params[i].top_p for i in sampled], dtype=torch.float32)
+        index = None
+        if bool((top_p < 1).any()):
+            probs, index = probs.sort(dim=-1, descending=True)
+            mass_before = probs.cumsum(dim=-1) - probs
+            probs = probs * (mass_before < top_p[:, None])
+        cdf = probs.cumsum(dim=-1)
+        u = torch.stack([torch.rand((), generator=generators[i]) for i in sampled])
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
+        tok = (index.gather(1, pick) if index is not None else pick).squeeze(1)
+        tokens[sampled] = tok
+        logprobs[sampled] = logp.gather(1, tok[:, None]).squeeze(1)
+    return tokens.tolist(), logprobs.tolist()
+
+
+def _plen(prefix: list[KV] | None) -> int:
+    return int(prefix[0][0].shape[2]) if prefix else 0
+
+
+def _fail(reqs: Sequence[_Request], error: BaseException) -> None:
+    for r in reqs:
+        if not r.future.done():
+            r.future.set_exception(error)

@@ -1,0 +1,153 @@
+"""The runtime server's app factory: OpenAI-compatible and rollout routes over one trajectory store.
+
+    app = create_app(sampler=engine, chat=chat_format, store=TrajectoryStore(path, job_id),
+                     model_name="policy", default_params=SamplingParams())
+    with RuntimeServer(app) as server:   # turnwise.runtime.server
+        ...  # agents call server.base_url + "/v1/chat/completions"
+
+Every error is JSON in OpenAI's shape, `{"error": {"message", "type", "code"}}`: 400 malformed
+body or missing trajectory header, 401 bad key, 403 key of another job, 404 unknown trajectory,
+409 "not in valid status", 413 body too large, 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from turnwise.runtime import openai_routes, rollout_routes
+from turnwise.runtime.auth import Auth
+from turnwise.runtime.deps import ApiError, Runtime
+from turnwise.runtime.protocols import Chat, Sampler
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.types import SamplingParams
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` (by Content-Length up front, else while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"request body larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_error(send, ApiError(413, str(self._too_large().detail)))
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large()  # FastAPI passes HTTPExceptions from body reading through
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    response = JSONResponse(error.body(), status_code=error.status)
+    await send({"type": "http.response.start", "status": error.status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+        elif not loc and err.get("type") == "missing":
+            parts.append("a JSON body is required")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    # OpenAI clients retry 409 and 5xx by default; a refused request would only be refused again.
+    no_retry = {"x-should-retry": "false"} if error.status in (400, 401, 403, 404, 409, 413) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=no_retry)
+
+
+def _takes_cache_key(sampler: Sampler) -> bool:
+    try:
+        return "cache_key" in inspect.signature(sampler.generate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_name: str,
+               default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
+               ) -> FastAPI:
+    """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`)."""
+    app = FastAPI(title="turnwise runtime", version="1",
+                  description="OpenAI-compatible sampling with token-exact trajectory capture, "
+                              "and the rollout feedback API of the managed multi-turn RL service.")
+    app.state.runtime = Runtime(
+        sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
+        auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
+        sampler_takes_cache_key=_takes_cache_key(sampler))
+    app.include_router(openai_routes.router)
+    app.include_router(rollout_routes.router)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec, minus its 422 responses: this app reports validation errors as 400."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for item in spec.get("paths", {}).values():
+                for op in item.values():
+                    if op.get("responses", {}).pop("422", None) is not None:
+                        op["responses"].setdefault("400", {"description": "Malformed request",
+                                                           "content": {"application/json": {"schema": {
+                                                               "$ref": "#/components/schemas/ErrorResponse"}}}})
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(ApiError(400, _validation_message(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(ApiError(500, f"internal error ({type(exc).__name__}); see the server log"))
+
+    return app
+
+
+def runtime_of(app: Any) -> Runtime:
+    """The `Runtime` an app was created with."""
+    return app.state.runtime

@@ -1,0 +1,108 @@
+"""OpenAI-compatible routes: chat completions (plain and SSE streaming), the Sample alias, models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from turnwise.runtime.deps import CallerDep, RuntimeDep, TrajectoryIdDep, job_store
+from turnwise.runtime.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList
+from turnwise.runtime.service import SampledTurn, sample_turn
+
+router = APIRouter(tags=["openai"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [(400, "Malformed body or missing trajectory header"), (401, "Missing or invalid API key"),
+                       (403, "Key not valid for this job"), (409, "Trajectory not in valid status"),
+                       (413, "Body too large")]
+}
+_STREAM = {"description": "OpenAI chat completion, or with stream=true an SSE stream of chunks",
+           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+def _finish_reason(s: SampledTurn) -> str:
+    return "tool_calls" if s.turn.message.tool_calls else s.turn.finish_reason.value
+
+
+def _usage(s: SampledTurn) -> dict[str, Any]:
+    n_prompt, n_completion = len(s.turn.prompt_ids), len(s.turn.completion_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": s.turn.reused_prompt_tokens}}
+
+
+def _logprobs(rt: RuntimeDep, s: SampledTurn) -> dict[str, Any]:
+    content = []
+    for token_id, logprob in zip(s.turn.completion_ids, s.turn.logprobs, strict=True):
+        text = rt.chat.decode([token_id])
+        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []})
+    return {"content": content}
+
+
+def _message(s: SampledTurn) -> dict[str, Any]:
+    m = s.turn.message
+    out: dict[str, Any] = {"role": "assistant", "content": m.content if m.content or not m.tool_calls else None}
+    if m.tool_calls:
+        out["tool_calls"] = [c.to_openai() for c in m.tool_calls]
+    return out
+
+
+def _headers(s: SampledTurn) -> dict[str, str]:
+    return {"X-Turnwise-Turn-Index": str(s.turn.index), "X-Turnwise-Policy-Version": str(s.turn.version),
+            "X-Turnwise-Prompt-Plan": s.plan.reason.value}
+
+
+def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: dict[str, Any]) -> Iterator[str]:
+    """The whole (already sampled) completion as OpenAI chunks."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
+        return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+    message = _message(s)
+    yield chunk({"role": "assistant", "content": ""})
+    if message["content"]:
+        extra = {"logprobs": _logprobs(rt, s)} if body.logprobs else {}
+        yield chunk({"content": message["content"]}, **extra)
+    for i, call in enumerate(message.get("tool_calls", ())):
+        yield chunk({"tool_calls": [{"index": i, **call}]})
+    yield chunk({}, _finish_reason(s))
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
+                                     "usage": _usage(s)}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, caller: CallerDep,
+                           trajectory_id: TrajectoryIdDep) -> Any:
+    """Sample the next assistant turn of the trajectory named in the header, and record it token-exactly."""
+    s = await sample_turn(rt, job_store(rt, caller), trajectory_id, body)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name,
+            "system_fingerprint": f"turnwise-v{s.turn.version}"}
+    if body.stream:
+        return StreamingResponse(_stream(rt, s, body, base), media_type="text/event-stream",
+                                 headers={**_headers(s), "Cache-Control": "no-cache"})
+    choice: dict[str, Any] = {"index": 0, "message": _message(s), "finish_reason": _finish_reason(s),
+                              "logprobs": _logprobs(rt, s) if body.logprobs else None}
+    return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(s)},
+                        headers=_headers(s))
+
+
+router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None,
+                     responses={200: {**_STREAM, "model": ChatCompletionResponse}, **_ERRORS},
+                     summary="OpenAI chat completion (recorded as one turn of a trajectory)")
+router.add_api_route("/sample", chat_completions, methods=["POST"], response_model=None,
+                     responses={200: {**_STREAM, "model": ChatCompletionResponse}, **_ERRORS},
+                     summary="The managed API's Sample operation: an alias of chat completions",
+                     operation_id="sample")
+
+
+@router.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
+async def models(rt: RuntimeDep, caller: CallerDep) -> dict[str, Any]:
+    """The one model served: the policy being trained."""
+    return {"object": "list", "data": [{"id": rt.model_name, "object": "model", "created": 0, "owned_by": "turnwise"}]}
