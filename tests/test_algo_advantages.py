@@ -254,7 +254,7 @@ def batches(draw, per_turn: bool = True, min_group: int = 1, reward=_reward):
 def _scalars(name, rollouts, opts):
     """One advantage per rollout, for methods that broadcast a scalar (checked constant)."""
     out = []
-    for a, r in zip(compute_advantages(name, rollouts, opts)[0], rollouts, strict=True):
+    for a in compute_advantages(name, rollouts, opts)[0]:
         assert len(set(a)) <= 1
         out.append(a[0] if a else None)
     return out

@@ -73,6 +73,20 @@ def test_ppo_aggregation_modes_by_hand(mode, norm, expected):
     assert loss == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("mode, norm, expected", [
+    ("token-mean", None, (1 + 2 + 3) / 3),
+    ("seq-mean-token-mean", None, ((1 + 2) / 2 + 3 / 1) / 2),  # the empty row is not a sequence
+    ("seq-mean-token-sum", None, ((1 + 2) + 3) / 2),
+    ("seq-mean-token-sum-norm", 4.0, ((1 + 2) + 3) / 2 / 4),
+    ("seq-mean-token-sum-norm", None, ((1 + 2) + 3) / 2 / 2),
+])
+def test_aggregate_by_hand_with_an_empty_row(mode, norm, expected):
+    loss_B_T = t([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
+    assert aggregate(loss_B_T, mask, mode, norm).item() == pytest.approx(expected)
+    assert aggregate(loss_B_T, torch.zeros_like(mask), mode, norm).item() == 0.0
+
+
 def test_ppo_dual_clip_by_hand():
     # (r=4, A=-1): max(4, 1.2) = 4, capped at -3*A = 3;  (r=4, A=1): max(-4, -1.2) = -1.2
     logp = t([[-1.0, -1.0]])
@@ -352,3 +366,13 @@ def test_on_policy_ppo_is_the_policy_gradient():
 
 def test_every_loss_of_the_issue_is_registered():
     assert {"ppo", "importance_sampling", "cispo", "cross_entropy"} <= set(LOSSES.names())
+
+
+def test_half_precision_logprobs_are_computed_in_float32():
+    logp = LOGP.to(torch.bfloat16).requires_grad_(True)
+    loss, _ = compute_loss("ppo", logp, SAMPLER.to(torch.bfloat16), ADV, MASK, OPTS)
+    loss.backward()
+    assert loss.dtype == torch.float32 and logp.grad.dtype == torch.bfloat16
+    expected = compute_loss("ppo", LOGP.to(torch.bfloat16).to(D), SAMPLER.to(torch.bfloat16).to(D), ADV, MASK,
+                            OPTS)[0]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

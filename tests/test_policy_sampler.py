@@ -134,6 +134,9 @@ def test_update_weights_while_requests_are_in_flight(policy) -> None:
         after = eng.submit(prompt, GREEDY).result()
         with pytest.raises(KeyError):
             eng.update_weights({"no.such.weight": torch.zeros(1)})
+        with pytest.raises(ValueError, match="no weight was changed"):
+            eng.update_weights({"lm_head.weight": torch.zeros(3, 3)})
+        assert eng.version == 1
     assert len(done.token_ids) == 400 and done.version == 0
     assert after.version == 1 and before.version == 0
     updated = type(model)(model.config)
@@ -185,3 +188,22 @@ def test_async_generate_and_close(policy) -> None:
         pending.result(timeout=5)
     with pytest.raises(EngineClosedError):
         eng.submit(prompts[0], GREEDY).result()
+
+
+def test_mixed_prefix_batch_and_lru_bound(policy) -> None:
+    """Rows with different reused prefixes (and none) prefilled together match a fresh full prefill."""
+    model, tokenizer = policy
+    firsts = _prompts(tokenizer, 3)
+    params = SamplingParams(temperature=0.9, max_tokens=12, seed=5)
+    with SamplerEngine(model, tokenizer, prefix_cache_size=2) as eng:
+        turn1 = [eng.submit(p, GREEDY, cache_key=f"t{i}").result() for i, p in enumerate(firsts)]
+        tails = [tokenizer.encode(f"<|im_end|>\n<|im_start|>user\n{'more ' * (3 * i)}ok?<|im_end|>\n") for i in range(3)]
+        seconds = [p + list(c.token_ids) + tail for p, c, tail in zip(firsts, turn1, tails, strict=True)]
+        futures = [eng.submit(s, params, cache_key=f"t{i}") for i, s in enumerate(seconds)]
+        futures.append(eng.submit(firsts[0] + [5, 6, 7], params))
+        got = [f.result() for f in futures]
+    assert got[0].prompt_tokens == len(seconds[0])  # evicted: cache holds the 2 most recent keys
+    assert [g.prompt_tokens for g in got[1:3]] == [len(t) + 1 for t in tails[1:]]
+    for prompt, completion in zip([*seconds, firsts[0] + [5, 6, 7]], got, strict=True):
+        assert torch.allclose(_ref_logprobs(model, prompt, completion, 0.9), torch.tensor(completion.logprobs),
+                              atol=1e-4)

@@ -9,6 +9,7 @@ or by an earlier attempt whose response was lost): it counts as done and returns
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,57 +44,97 @@ def error_message(response: httpx.Response) -> str:
     return response.text[:500]
 
 
-class FeedbackClient:
-    """Async client of `/complete-rollout` and `/update-reward`."""
+def _complete_body(trajectory_id: str, status: str, error: str | None) -> dict[str, Any]:
+    if status not in ("ready", "failed"):
+        raise ValueError(f"status must be 'ready' or 'failed', not {status!r}")
+    body: dict[str, Any] = {"TrajectoryId": trajectory_id, "Status": status}
+    if error is not None:
+        body["Error"] = error[:4096]
+    return body
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, job_arn: str | None = None,
-                 retries: int = 6, backoff: float = 0.1, timeout: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                                       transport=transport)
+
+def _reward_body(trajectory_id: str, rewards: float | Sequence[float]) -> dict[str, Any]:
+    values = [float(rewards)] if isinstance(rewards, int | float) else [float(r) for r in rewards]
+    return {"TrajectoryId": trajectory_id, "Rewards": values}
+
+
+def _verify(base_url: str) -> bool:
+    """No CA bundle for plain http (loading it costs ~40 ms per client; handlers make one per rollout)."""
+    return not base_url.startswith("http://")
+
+
+class _Reporter:
+    """What both clients share: request bodies, the retry schedule, reading responses."""
+
+    def __init__(self, api_key: str | None, job_arn: str | None, retries: int, backoff: float) -> None:
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.job_arn = job_arn
         self.retries = retries
         self.backoff = backoff
 
+    def body(self, body: dict[str, Any], client_token: str | None) -> dict[str, Any]:
+        body["ClientToken"] = client_token or uuid.uuid4().hex
+        if self.job_arn:
+            body["JobArn"] = self.job_arn
+        return body
+
+    def delays(self) -> list[float]:
+        return [min(self.backoff * 2 ** i, 2.0) for i in range(self.retries)]
+
+    @staticmethod
+    def outcome(response: httpx.Response, last: bool) -> bool | None:
+        """True done, False already done, None retry; raises FeedbackError on a refusal."""
+        if response.status_code < 400:
+            return True
+        message = error_message(response)
+        if response.status_code == 409 and any(m in message for m in ALREADY_DONE_MARKERS):
+            return False
+        if response.status_code not in _RETRY_STATUS or last:
+            raise FeedbackError(response.status_code, message)
+        return None
+
+
+class FeedbackClient:
+    """Async client of `/complete-rollout` and `/update-reward`."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, job_arn: str | None = None,
+                 retries: int = 6, backoff: float = 0.1, timeout: float = 30.0, max_in_flight: int = 16,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._reporter = _Reporter(api_key, job_arn, retries, backoff)
+        # Few requests in flight: httpx's pool scans every queued request against every connection
+        # on each change, which is quadratic when a thousand rollouts report at once.
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=self._reporter.headers,
+                                       timeout=timeout, transport=transport, verify=_verify(base_url),
+                                       limits=httpx.Limits(max_connections=max_in_flight,
+                                                           max_keepalive_connections=max_in_flight))
+
     async def complete_rollout(self, trajectory_id: str, status: str = "ready", client_token: str | None = None,
                                *, error: str | None = None) -> bool:
         """Seal the trajectory as "ready" or "failed". False when it was already sealed."""
-        if status not in ("ready", "failed"):
-            raise ValueError(f"status must be 'ready' or 'failed', not {status!r}")
-        body: dict[str, Any] = {"TrajectoryId": trajectory_id, "Status": status}
-        if error is not None:
-            body["Error"] = error[:4096]
-        return await self._post("/complete-rollout", body, client_token)
+        return await self._post("/complete-rollout", _complete_body(trajectory_id, status, error), client_token)
 
     async def update_reward(self, trajectory_id: str, rewards: float | Sequence[float],
                             client_token: str | None = None) -> bool:
         """One reward, or one per turn (after complete_rollout). False when already rewarded."""
-        values = [float(rewards)] if isinstance(rewards, int | float) else [float(r) for r in rewards]
-        return await self._post("/update-reward", {"TrajectoryId": trajectory_id, "Rewards": values}, client_token)
+        return await self._post("/update-reward", _reward_body(trajectory_id, rewards), client_token)
 
     async def _post(self, path: str, body: dict[str, Any], client_token: str | None) -> bool:
-        body["ClientToken"] = client_token or uuid.uuid4().hex
-        if self.job_arn:
-            body["JobArn"] = self.job_arn
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+        body = self._reporter.body(body, client_token)
+        delays = self._reporter.delays()
+        for attempt in range(len(delays) + 1):
+            last = attempt == len(delays)
             try:
-                response = await self._http.post(path, json=body)
+                async with self._in_flight:
+                    response = await self._http.post(path, json=body)
             except httpx.TransportError:
                 if last:
                     raise
             else:
-                if response.status_code < 400:
-                    return True
-                message = error_message(response)
-                if response.status_code == 409 and any(m in message for m in ALREADY_DONE_MARKERS):
-                    return False
-                if response.status_code not in _RETRY_STATUS or last:
-                    raise FeedbackError(response.status_code, message)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+                done = self._reporter.outcome(response, last)
+                if done is not None:
+                    return done
+            await asyncio.sleep(delays[attempt])
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -104,3 +145,48 @@ class FeedbackClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class SyncFeedbackClient:
+    """`FeedbackClient` for synchronous agents (same retries and idempotency)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, *, job_arn: str | None = None,
+                 retries: int = 6, backoff: float = 0.1, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._reporter = _Reporter(api_key, job_arn, retries, backoff)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=self._reporter.headers,
+                                  timeout=timeout, transport=transport, verify=_verify(base_url))
+
+    def complete_rollout(self, trajectory_id: str, status: str = "ready", client_token: str | None = None,
+                         *, error: str | None = None) -> bool:
+        return self._post("/complete-rollout", _complete_body(trajectory_id, status, error), client_token)
+
+    def update_reward(self, trajectory_id: str, rewards: float | Sequence[float],
+                      client_token: str | None = None) -> bool:
+        return self._post("/update-reward", _reward_body(trajectory_id, rewards), client_token)
+
+    def _post(self, path: str, body: dict[str, Any], client_token: str | None) -> bool:
+        body = self._reporter.body(body, client_token)
+        delays = self._reporter.delays()
+        for attempt in range(len(delays) + 1):
+            last = attempt == len(delays)
+            try:
+                response = self._http.post(path, json=body)
+            except httpx.TransportError:
+                if last:
+                    raise
+            else:
+                done = self._reporter.outcome(response, last)
+                if done is not None:
+                    return done
+            time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> SyncFeedbackClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

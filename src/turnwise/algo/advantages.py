@@ -37,7 +37,7 @@ from turnwise.types import AdvantageOptions, ScoredRollout
 
 AdvantageFn = Callable[[Sequence[ScoredRollout], AdvantageOptions], Sequence[Sequence[float] | np.ndarray]]
 
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage method")
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage_method")
 
 
 def register_advantage(name: str, *, replace: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:

@@ -125,13 +125,13 @@ def compute_loss(
             raise ValueError(f"{key} has shape {tuple(t.shape)}, expected {shape} like logprobs_B_T")
 
     mask = mask_B_T.bool()
-    dtype = logprobs_B_T.dtype
+    dtype = torch.promote_types(logprobs_B_T.dtype, torch.float32)  # no exp() of bf16 log-ratios
     # Masked positions may hold anything (prompt logprobs, padding, NaN): zero them first so
     # they cannot reach the loss or its gradient.
-    logp = torch.where(mask, logprobs_B_T, torch.zeros((), dtype=dtype))
+    logp = torch.where(mask, logprobs_B_T.to(dtype), 0.0)
 
     def fixed(t: Tensor) -> Tensor:
-        return torch.where(mask, t.detach().to(dtype), torch.zeros((), dtype=dtype))
+        return torch.where(mask, t.detach().to(dtype), 0.0)
 
     adv = fixed(advantages_B_T)
     metrics: dict[str, float] = {}
@@ -195,7 +195,7 @@ def aggregate(loss_B_T: Tensor, mask_B_T: Tensor, mode: str, norm: float | None 
     normalizer that really is fixed. No token at all gives 0 (still differentiable).
     """
     mask = mask_B_T.bool()
-    masked = torch.where(mask, loss_B_T, torch.zeros((), dtype=loss_B_T.dtype))
+    masked = torch.where(mask, loss_B_T, 0.0)
     if mode == "token-mean":
         return masked.sum() / mask.sum().clamp(min=1)
     tokens_B = mask.sum(dim=-1)
@@ -278,7 +278,7 @@ def _ratio(logp: Tensor, anchor: Tensor, mask: Tensor, level: str) -> Tensor:
         return torch.exp(log_r)
     # GSPO-token: value s_i on every token, gradient ∂/∂logp_t = s_i on token t
     log_s_B = log_r.detach().sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
-    return torch.where(mask, torch.exp(log_s_B[:, None] + logp - logp.detach()), torch.ones((), dtype=logp.dtype))
+    return torch.where(mask, torch.exp(log_s_B[:, None] + logp - logp.detach()), 1.0)
 
 
 def _mean(values: Tensor, mask: Tensor) -> float:

@@ -27,7 +27,7 @@ class Registry(Generic[F]):
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
         def decorate(fn: F) -> F:
-            if name in self._fns and not replace and self._fns[name] is not fn:
+            if name in self._fns and not replace and self._fns[name] != fn:
                 raise ValueError(f"{self.kind} {name!r} is already registered; pass replace=True to override it")
             self._fns[name] = fn
             return fn

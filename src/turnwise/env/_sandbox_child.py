@@ -17,6 +17,7 @@ Audit hooks alone are not a security boundary (PEP 578 says so); steps 1-3 are, 
 host permits them. Everything is reported to the parent as JSON lines on a status pipe.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -40,10 +41,8 @@ STATUS_FD = -1
 
 
 def report(**item):
-    try:
+    with contextlib.suppress(OSError):
         os.write(STATUS_FD, (json.dumps(item, default=repr) + "\n").encode())
-    except OSError:
-        pass
 
 
 def unshare_namespaces(workdir):
@@ -53,6 +52,7 @@ def unshare_namespaces(workdir):
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNET | CLONE_NEWNS | (0 if uid == 0 else CLONE_NEWUSER)
     if libc.unshare(flags) != 0:
+        report(note=f"namespaces unavailable: {os.strerror(ctypes.get_errno())}")
         return []
     if uid != 0:  # map only ourselves: we are "root" in the namespace and nobody outside it
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
@@ -80,12 +80,26 @@ def unshare_namespaces(workdir):
     return layers
 
 
+def interpreter_world_readable():
+    """Whether a user other than the owner can run this interpreter and import its libraries."""
+    import stat
+
+    for entry in {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}:
+        path = os.path.realpath(entry)
+        parts = [path]
+        while parts[-1] != "/":
+            parts.append(os.path.dirname(parts[-1]))
+        for d in parts:
+            mode = os.stat(d).st_mode
+            if not mode & stat.S_IXOTH or (d == path and not mode & stat.S_IROTH):
+                return False
+    return True
+
+
 def set_limits(cfg):
     def lim(res, soft, hard=None):
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(res, (soft, soft if hard is None else hard))
-        except (ValueError, OSError):
-            pass
 
     lim(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)  # SIGXCPU first, SIGKILL a second later
     lim(resource.RLIMIT_AS, cfg["memory_mb"] << 20)
@@ -142,6 +156,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     STATUS_FD = cfg["status_fd"]
     workdir = os.path.realpath(cfg["workdir"])
+    host_root = os.geteuid() == 0  # before a user namespace makes us "root" inside it
     isolation = []
     if cfg["cgroup"]:  # join first, so that every process started later is counted and killable
         with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
@@ -154,15 +169,25 @@ def main():
             report(note=f"namespaces unavailable: {e}")
     set_limits(cfg)
     isolation.append("rlimits")
+    dropped = False
     if cfg["uid"] is not None:
-        os.setgroups([])
-        os.setgid(cfg["gid"])
-        os.setuid(cfg["uid"])
-        isolation.append("uid")
+        if interpreter_world_readable():
+            os.setgroups([])
+            os.setgid(cfg["gid"])
+            os.setuid(cfg["uid"])
+            isolation.append("uid")
+            dropped = True
+        else:
+            report(note="uid layer off: this interpreter is not readable by an unprivileged user")
+    allow_subprocess = cfg["allow_subprocess"]
+    if allow_subprocess and host_root and not dropped and not cfg["cgroup"]:
+        # uid 0 is exempt from RLIMIT_NPROC: without a pids cgroup nothing would bound a fork bomb
+        allow_subprocess = False
+        report(note="allow_subprocess refused: no process limit applies to root without a pids cgroup")
     os.chdir(workdir)
     sys.path.insert(0, workdir)
     sys.dont_write_bytecode = True
-    install_audit_hook(workdir, cfg["allow_subprocess"])
+    install_audit_hook(workdir, allow_subprocess)
     isolation.append("audit")
     report(isolation=isolation)
 

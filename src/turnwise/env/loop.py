@@ -17,12 +17,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from turnwise.env.tools import ToolBox
 from turnwise.types import Message, ToolCall, as_messages
+
+if TYPE_CHECKING:
+    import openai
 
 # Keyword arguments of `chat.completions.create`; other inference params go in `extra_body`.
 _OPENAI_PARAMS = frozenset({
@@ -85,6 +86,7 @@ async def run_tool_loop(
     extra_headers: Mapping[str, str] | None = None,
 ) -> LoopResult:
     """Run the tool loop against an OpenAI-compatible endpoint (see the module docstring)."""
+    import openai  # here, not at module level: importing the SDK takes about a second
     if max_turns < 1:
         raise ValueError("max_turns must be >= 1")
     history = [m if isinstance(m, Message) else as_messages([m])[0] for m in messages]

@@ -20,7 +20,8 @@ that propagates out of `ToolBox.call`; use it in verify and tests).
 Record mode: a miss calls the live function once, passes the record through the `redact`
 hook (strip secrets, tokens, personal data), appends it to the file and returns the
 redacted response, so the recording run sees what every replay will see. Hits are never
-re-recorded.
+re-recorded. Redact responses, not arguments: the lookup key is computed from arguments.
+Replay tools are read-only: a live function's `state` parameter receives None.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Cassette:
             if rec is not None:
                 self.stats["hits"] += 1
             elif self.record and live_fn is not None:
-                rec = await self._record(base.name, arguments, live_fn, kwargs)
+                live_kwargs = {**kwargs, base.state_param: None} if base.state_param else kwargs
+                rec = await self._record(base.name, arguments, live_fn, live_kwargs)
                 index.setdefault(k, rec)
             else:
                 rec = self._on_miss(base.name, k, arguments, index)

@@ -27,14 +27,13 @@ files; keep ground truth out of reach of the sandbox user (mode 600 under root).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-import functools
 import itertools
 import json
 import os
 import shutil
 import signal
-import stat
 import sys
 import tempfile
 import time
@@ -70,6 +69,9 @@ class SandboxLimits:
     """Let the code start processes (bounded by `processes`)."""
     namespaces: bool = True
     """Try network and mount namespaces."""
+    python: str | None = None
+    """Interpreter to run (default: this one). Under root, the `uid` layer needs one that an
+    unprivileged user can read (not one under /root)."""
 
 
 class SandboxStatus(str, enum.Enum):
@@ -139,10 +141,11 @@ async def run_python(code: str, *, limits: SandboxLimits = SandboxLimits(), inpu
     `inputs`; `files` are written into its directory first; its global `result` (JSON) comes back."""
     base = Path(root or Path(tempfile.gettempdir()) / "turnwise-sandbox")
     base.mkdir(parents=True, exist_ok=True)
-    os.chmod(base, 0o711)  # traversable by the sandbox uid, not listable
-    workdir = Path(tempfile.mkdtemp(prefix="sb-", dir=base)).resolve()
     as_root = os.geteuid() == 0
-    uid = _allocate_uid() if as_root and _interpreter_world_readable() else None
+    if as_root:
+        os.chmod(base, 0o711)  # traversable by the sandbox uid, not listable
+    workdir = Path(tempfile.mkdtemp(prefix="sb-", dir=base)).resolve()
+    uid = _allocate_uid() if as_root else None
     cgroup = _make_cgroup(workdir.name, limits.processes) if as_root else None
     try:
         for name, content in (files or {}).items():
@@ -217,13 +220,10 @@ async def _run(workdir: Path, uid: int | None, cgroup: Path | None, limits: Sand
                inputs_file: str | None) -> SandboxResult:
     loop = asyncio.get_running_loop()
     status_r, status_w = os.pipe()
-    # processes are bounded by RLIMIT_NPROC (not for root: uid 0 is exempt) or a pids cgroup;
-    # with neither, the child refuses to start processes even if allowed
-    can_bound = uid is not None or cgroup is not None or os.geteuid() != 0
     cfg = {"workdir": str(workdir), "status_fd": status_w, "uid": uid, "gid": uid,
            "cgroup": str(cgroup) if cgroup else None,
            "code_file": str(workdir / "main.py"), "inputs_file": inputs_file, "namespaces": limits.namespaces,
-           "allow_subprocess": limits.allow_subprocess and can_bound,
+           "allow_subprocess": limits.allow_subprocess,
            "cpu_s": max(1, int(limits.cpu_s)), "memory_mb": limits.memory_mb,
            "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
            "nproc": limits.processes if uid is not None else _own_processes() + limits.processes}
@@ -232,9 +232,12 @@ async def _run(workdir: Path, uid: int | None, cgroup: Path | None, limits: Sand
     t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-B", str(_CHILD), json.dumps(cfg), cwd=workdir, env=env,
+            limits.python or sys.executable, "-I", "-B", str(_CHILD), json.dumps(cfg), cwd=workdir, env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             pass_fds=(status_w,), start_new_session=True)
+    except BaseException:
+        os.close(status_r)
+        raise
     finally:
         os.close(status_w)
     status_reader = asyncio.StreamReader()
@@ -245,7 +248,13 @@ async def _run(workdir: Path, uid: int | None, cgroup: Path | None, limits: Sand
     out, err = _Capped(proc.stdout, limits.output_bytes, over), _Capped(proc.stderr, limits.output_bytes, over)
     status_lines = _Capped(status_reader, 1 << 22, asyncio.Event())
     waiter, over_waiter = asyncio.ensure_future(proc.wait()), asyncio.ensure_future(over.wait())
-    done, _ = await asyncio.wait({waiter, over_waiter}, timeout=limits.wall_s, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({waiter, over_waiter}, timeout=limits.wall_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the caller gave up (a rollout timeout): the child must not outlive it
+        _kill_all(proc.pid, uid, cgroup, limits.allow_subprocess)
+        transport.close()
+        raise
     timed_out, output_over = not done, over_waiter in done and waiter not in done
     over_waiter.cancel()
     _kill_all(proc.pid, uid, cgroup, limits.allow_subprocess)
@@ -309,20 +318,16 @@ def _own_processes() -> int:
     n = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
+            with contextlib.suppress(OSError):
                 n += os.stat(f"/proc/{pid}").st_uid == me
-            except OSError:
-                pass
     return n
 
 
 def _kill_all(pid: int, uid: int | None, cgroup: Path | None, scan: bool) -> None:
     """SIGKILL the sandbox's session (its pgid is its pid) and, when it could have started
     processes that left the session, every process in its cgroup or of its uid."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     if cgroup is not None:
         _kill_cgroup(cgroup)
     if uid is None or not scan:
@@ -340,19 +345,6 @@ def _kill_all(pid: int, uid: int | None, cgroup: Path | None, scan: bool) -> Non
                 pass
         if not found:
             return
-
-
-@functools.lru_cache(maxsize=1)
-def _interpreter_world_readable() -> bool:
-    """Whether an unprivileged uid can run this interpreter and import its libraries (not so
-    when Python lives under a 0700 home such as /root/.pyenv); if not, the uid layer is off."""
-    for entry in {sys.base_prefix, sys.prefix, *(p for p in sys.path if p and os.path.isdir(p))}:
-        path = Path(entry).resolve()
-        for d in [path, *path.parents]:
-            mode = os.stat(d).st_mode
-            if not mode & stat.S_IXOTH or (d == path and not mode & stat.S_IROTH):
-                return False
-    return True
 
 
 def _pids_cgroup_root() -> Path | None:
@@ -397,10 +389,8 @@ def _kill_cgroup(path: Path) -> None:
         if not pids:
             return
         for p in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.001)
 
 

@@ -79,7 +79,7 @@ class SamplerEngine:
     """Batched, thread-safe sampling of completions from one model copy."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch_size: int = 64,
-                 version: int = 0, prefix_cache_size: int = 256, copy_model: bool = True,
+                 version: int = 0, prefix_cache_size: int = 128, copy_model: bool = True,
                  stop_token_ids: Collection[int] | None = None) -> None:
         """`copy_model=False` lets the engine use `model` itself; then nothing else may run it."""
         self.model = copy.deepcopy(model) if copy_model else model
@@ -98,15 +98,13 @@ class SamplerEngine:
         self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
                          **dict(self.model.named_buffers(remove_duplicate=False))}
         self._cond = threading.Condition()
-        self._model_lock = threading.Lock()
+        self._model_lock = threading.RLock()  # reentrant: a future's callback runs in the engine thread
         self._pending: list[_Request] = []
         self._rows: list[_Request] = []
         self._batch: KVBatch | None = None
         self._prefix: OrderedDict[str, _PrefixEntry] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._closed = False
-
-    # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> SamplerEngine:
         with self._cond:
@@ -136,8 +134,6 @@ class SamplerEngine:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-    # ---- public API ------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                cache_key: str | None = None) -> Future[Completion]:
@@ -181,14 +177,15 @@ class SamplerEngine:
         unknown = sorted(set(state_dict) - set(self._tensors))
         if unknown:
             raise KeyError(f"update_weights: {len(unknown)} names not in the sampler's model, e.g. {unknown[:3]}")
+        wrong = [k for k, v in state_dict.items() if tuple(v.shape) != tuple(self._tensors[k].shape)]
+        if wrong:
+            raise ValueError(f"update_weights: shape mismatch for {wrong[:3]}; no weight was changed")
         with self._model_lock, torch.no_grad():
             for name, tensor in state_dict.items():
                 self._tensors[name].copy_(tensor)
             self._prefix.clear()
             self.version += 1
             return self.version
-
-    # ---- engine thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
@@ -308,8 +305,6 @@ class SamplerEngine:
                 self._store(r.cache_key, (*r.prompt_ids, *r.tokens[:-1]), batch.row_kv(row))
             r.future.set_result(Completion(tuple(r.tokens), tuple(r.logprobs), r.finish, r.version, r.prompt_tokens))
         return keep
-
-    # ---- prefix cache ----------------------------------------------------------------------------
 
     def _lookup(self, r: _Request) -> list[KV] | None:
         entry = self._prefix.get(r.cache_key) if r.cache_key is not None else None

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from turnwise.runtime import openai_routes, rollout_routes
+from turnwise.runtime import openai_routes, rollout_routes, task_routes
 from turnwise.runtime.auth import Auth
 from turnwise.runtime.deps import ApiError, Runtime
 from turnwise.runtime.protocols import Chat, Sampler
@@ -99,7 +99,7 @@ def _takes_cache_key(sampler: Sampler) -> bool:
 def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_name: str,
                default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
-               ) -> FastAPI:
+               task_max_attempts: int = 3) -> FastAPI:
     """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`)."""
     app = FastAPI(title="turnwise runtime", version="1",
                   description="OpenAI-compatible sampling with token-exact trajectory capture, "
@@ -107,9 +107,10 @@ def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_na
     app.state.runtime = Runtime(
         sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
         auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
-        sampler_takes_cache_key=_takes_cache_key(sampler))
+        task_max_attempts=task_max_attempts, sampler_takes_cache_key=_takes_cache_key(sampler))
     app.include_router(openai_routes.router)
     app.include_router(rollout_routes.router)
+    app.include_router(task_routes.router)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     def openapi() -> dict[str, Any]:

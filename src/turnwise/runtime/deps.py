@@ -46,27 +46,29 @@ class Runtime:
     auth: Auth
     prompt_plans: Counter[str] = field(default_factory=Counter)
     """How many prompts were planned for each `PlanReason` (re-renders are drift risks)."""
+    task_max_attempts: int = 3
+    """Leases of a pull-worker task before it fails (see `turnwise.runtime.tasks`)."""
     sampler_takes_cache_key: bool = False
     """The sampler's `generate` accepts `cache_key=` (prefix KV reuse per trajectory)."""
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_caller(
+async def get_caller(
     request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <API key>; required when keys are set")] = None,
     job_arn: Annotated[str | None, Header(alias=JOB_ARN_HEADER, description="The job (checked against the key)")] = None,
 ) -> Caller:
-    rt = get_runtime(request)
+    rt: Runtime = request.app.state.runtime
     try:
         return rt.auth.check(authorization, request.client.host if request.client else None, job_arn or None)
     except AuthError as e:
         raise ApiError(e.status, str(e)) from None
 
 
-def trajectory_id_header(
+async def trajectory_id_header(
     amzn: Annotated[str | None, Header(alias=TRAJECTORY_HEADERS[0],
                                        description="The trajectory this call belongs to")] = None,
     turnwise: Annotated[str | None, Header(alias=TRAJECTORY_HEADERS[1],

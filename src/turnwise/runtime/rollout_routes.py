@@ -19,6 +19,7 @@ from turnwise.runtime.schemas import (
     UpdateRewardRequest,
 )
 from turnwise.runtime.store import ClientTokenConflict, TransitionError, UnknownTrajectory
+from turnwise.runtime.tasks import TaskQueue
 
 router = APIRouter(tags=["rollouts"])
 
@@ -96,9 +97,11 @@ async def job_stats(job_id: str, rt: RuntimeDep, caller: CallerDep) -> dict[str,
     """Trajectory counts by status and token usage (prefill, sample) of a job."""
     if job_id != caller.job_id and (caller.bound or rt.auth.enabled):
         raise ApiError(403, f"this API key is not valid for job {job_id!r}")
-    stats = rt.store.for_job(job_id).stats()
+    store = rt.store.for_job(job_id)
+    stats = store.stats()
     return {"job_id": stats.job_id, "trajectories": dict(stats.trajectories_by_status),
-            "usage": _usage(stats.usage), "prompt_plans": dict(rt.prompt_plans)}
+            "usage": _usage(stats.usage), "prompt_plans": dict(rt.prompt_plans),
+            "tasks": TaskQueue(store).counts()}
 
 
 @router.get("/health", response_model=HealthOut)

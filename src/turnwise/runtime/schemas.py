@@ -262,6 +262,7 @@ class JobStatsOut(BaseModel):
     trajectories: dict[str, int]
     usage: UsageStats
     prompt_plans: dict[str, int] = Field(description="Prompts per plan reason since the server started")
+    tasks: dict[str, int] = Field(description="Pull-worker tasks by status")
 
 
 class HealthOut(BaseModel):

@@ -13,6 +13,7 @@ that already took effect is a no-op success.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -69,6 +70,22 @@ CREATE TABLE IF NOT EXISTS turns (
     created_at REAL NOT NULL,
     PRIMARY KEY (job_id, trajectory_id, idx)
 );
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    lease_id TEXT,
+    worker_id TEXT,
+    lease_expires_at REAL,
+    trajectory_id TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job_id, id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (job_id, status, created_at);
 CREATE TABLE IF NOT EXISTS rewards (
     job_id TEXT NOT NULL,
     trajectory_id TEXT NOT NULL,
@@ -195,6 +212,10 @@ class TrajectoryStore:
         with self._db.lock:
             self._db.conn.close()
 
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A write transaction on the store's file (for other tables of the runtime: the task queue)."""
+        return self._tx()
+
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         conn = self._db.conn
@@ -220,8 +241,8 @@ class TrajectoryStore:
         """Create the trajectory IN_PROGRESS if new; tools are set until its first turn is recorded."""
         now = time.time()
         tools_json = json.dumps(list(tools or ()))
-        with self._tx() as conn:
-            conn.execute(
+        with self._db.lock:  # one statement: atomic on its own
+            self._db.conn.execute(
                 "INSERT INTO trajectories (job_id, id, status, tools, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, id) DO UPDATE SET tools=excluded.tools "
                 "WHERE n_turns=0 AND status=? AND excluded.tools != '[]'",
@@ -239,11 +260,17 @@ class TrajectoryStore:
             prefill_tokens = len(turn.prompt_ids) - turn.reused_prompt_tokens
         now = time.time()
         with self._tx() as conn:
-            row = self._status(conn, trajectory_id)
-            if row["status"] != TrajectoryStatus.IN_PROGRESS.value:
+            counted = conn.execute(
+                "UPDATE trajectories SET n_turns=n_turns+1, prefill_tokens=prefill_tokens+?, "
+                "sample_tokens=sample_tokens+?, reused_tokens=reused_tokens+?, updated_at=? "
+                "WHERE job_id=? AND id=? AND status=? RETURNING n_turns",
+                (prefill_tokens, len(turn.completion_ids), turn.reused_prompt_tokens, now,
+                 self.job_id, trajectory_id, TrajectoryStatus.IN_PROGRESS.value)).fetchone()
+            if counted is None:
+                row = self._status(conn, trajectory_id)  # raises UnknownTrajectory
                 raise TransitionError(f"trajectory {trajectory_id!r} is {row['status']}: not in valid status "
                                       f"for a new turn (needs in_progress)")
-            turn = replace(turn, index=row["n_turns"])
+            turn = replace(turn, index=counted[0] - 1)
             conn.execute(
                 "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.job_id, trajectory_id, turn.index, _ids_blob(turn.prompt_ids),
@@ -251,12 +278,6 @@ class TrajectoryStore:
                  FinishReason(turn.finish_reason).value, json.dumps(turn.message.to_openai()),
                  int(turn.tool_parse_error), turn.reused_prompt_tokens,
                  json.dumps([m.to_openai() for m in turn.request_messages]), prefill_tokens, now))
-            conn.execute(
-                "UPDATE trajectories SET n_turns=n_turns+1, prefill_tokens=prefill_tokens+?, "
-                "sample_tokens=sample_tokens+?, reused_tokens=reused_tokens+?, updated_at=? "
-                "WHERE job_id=? AND id=?",
-                (prefill_tokens, len(turn.completion_ids), turn.reused_prompt_tokens, now,
-                 self.job_id, trajectory_id))
         return turn
 
     def complete(self, trajectory_id: str, status: TrajectoryStatus | str, *, error: str | None = None,
@@ -322,20 +343,22 @@ class TrajectoryStore:
     def get(self, trajectory_id: str, *, last_turn_only: bool = False) -> Trajectory | None:
         """The trajectory, or None. `last_turn_only`: `turns` holds just the last turn (cheap;
         enough to plan the next prompt)."""
-        with self._tx(write=False) as conn:
+        conn = self._db.conn
+        with self._db.lock:
             row = conn.execute("SELECT * FROM trajectories WHERE job_id=? AND id=?",
                                (self.job_id, trajectory_id)).fetchone()
             if row is None:
                 return None
-            if last_turn_only:
-                turn_rows = conn.execute(
-                    "SELECT * FROM turns WHERE job_id=? AND trajectory_id=? ORDER BY idx DESC LIMIT 1",
-                    (self.job_id, trajectory_id)).fetchall()
+            if last_turn_only:  # the primary key finds it: no scan, no sort
+                turn_rows = conn.execute("SELECT * FROM turns WHERE job_id=? AND trajectory_id=? AND idx=?",
+                                         (self.job_id, trajectory_id, row["n_turns"] - 1)).fetchall()
             else:
                 turn_rows = conn.execute("SELECT * FROM turns WHERE job_id=? AND trajectory_id=? ORDER BY idx",
                                          (self.job_id, trajectory_id)).fetchall()
-            reward = conn.execute("SELECT rewards FROM rewards WHERE job_id=? AND trajectory_id=?",
-                                  (self.job_id, trajectory_id)).fetchone()
+            reward = None
+            if row["status"] in (TrajectoryStatus.REWARDED.value, TrajectoryStatus.FAILED.value):
+                reward = conn.execute("SELECT rewards FROM rewards WHERE job_id=? AND trajectory_id=?",
+                                      (self.job_id, trajectory_id)).fetchone()
         return self._trajectory(row, [_turn(r) for r in turn_rows], reward)
 
     def _trajectory(self, row: sqlite3.Row, turns: Sequence[Turn], reward: sqlite3.Row | None) -> Trajectory:
