@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# verl's core_algos is the independent reference the slow algorithm tests compare with; its own
+	# dependencies (ray, an older transformers) are not needed for that, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps verl==0.9.1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -31,11 +31,11 @@ class TinyModelConfig(_Section):
     """Shape of the built-in tiny model (a Qwen2 causal LM with our own BPE tokenizer)."""
 
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary, special tokens included")
-    hidden_size: int = Field(128, ge=8)
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    num_key_value_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(256, ge=8)
+    hidden_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(8, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
     max_position_embeddings: int = Field(4096, ge=64)
     seed: int = 0
 

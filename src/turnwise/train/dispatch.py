@@ -22,7 +22,8 @@ from typing import Any
 
 from turnwise.adapter.context import RolloutContext
 from turnwise.adapter.feedback import FeedbackClient
-from turnwise.types import Group, RolloutResult, Task, Trajectory, TrajectoryStatus
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.types import Group, RolloutResult, Task, TrajectoryStatus
 
 AgentFn = Callable[[dict, Any, RolloutContext], Awaitable[Any]]
 
@@ -72,12 +73,12 @@ class Dispatcher:
     """Runs rollouts of one agent against one runtime server."""
 
     def __init__(self, agent: AgentFn, *, base_url: str, model: str,
-                 read_trajectory: Callable[[str], Trajectory | None],
+                 store: TrajectoryStore,
                  concurrency: int, timeout: float, api_key: str | None = None) -> None:
         self.agent = agent
         self.base_url = base_url
         self.model = model
-        self.read_trajectory = read_trajectory
+        self.store = store
         self.timeout = timeout
         self.api_key = api_key
         self.concurrency = concurrency
@@ -101,6 +102,7 @@ class Dispatcher:
             ctx = RolloutContext(trajectory_id=f"traj-{uuid.uuid4().hex}", base_url=self.base_url,
                                  model=self.model, inference_params=dict(inference_params),
                                  api_key=self.api_key)
+            self.store.begin(ctx.trajectory_id)
             client = ctx.async_openai()
             start = time.perf_counter()
             error: str | None = None
@@ -115,21 +117,12 @@ class Dispatcher:
             finally:
                 await client.close()
             seconds = time.perf_counter() - start
-            if error is None and self.read_trajectory(ctx.trajectory_id) is None:
+            if error is None and not self.store.get(ctx.trajectory_id, last_turn_only=True).turns:
                 error = "the agent made no model call"
             if error is None:
                 await feedback.complete_rollout(ctx.trajectory_id, "ready")
                 await feedback.update_reward(ctx.trajectory_id, list(rewards))
-            elif self.read_trajectory(ctx.trajectory_id) is not None:
-                await feedback.complete_rollout(ctx.trajectory_id, "failed")
-            trajectory = self.read_trajectory(ctx.trajectory_id) or Trajectory(
-                id=ctx.trajectory_id, job_id="", status=TrajectoryStatus.FAILED)
-            if error is not None:
-                trajectory = _with_error(trajectory, error)
-            return RolloutResult(task=task, trajectory=trajectory, seconds=seconds, metrics=metrics)
-
-
-def _with_error(trajectory: Trajectory, error: str) -> Trajectory:
-    from dataclasses import replace
-
-    return replace(trajectory, status=TrajectoryStatus.FAILED, error=error)
+            else:
+                self.store.complete(ctx.trajectory_id, TrajectoryStatus.FAILED, error=error)
+            return RolloutResult(task=task, trajectory=self.store.get(ctx.trajectory_id), seconds=seconds,
+                                 metrics=metrics)

@@ -7,15 +7,13 @@ code path is the one a cluster uses. Training, evaluation and verification all s
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from turnwise.config import JobConfig
 from turnwise.policy.chat import ChatFormat
+from turnwise.policy.checkpoint import export_state_dict
 from turnwise.policy.load import load_policy
 from turnwise.policy.sampler import SamplerEngine
 from turnwise.runtime.app import create_app
@@ -34,8 +32,7 @@ class EmbeddedRuntime:
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(model_cfg)
         self.chat = ChatFormat(self.tokenizer, cfg.model.tool_call_format)
-        self.engine = SamplerEngine(copy.deepcopy(self.model), self.tokenizer,
-                                    max_batch_size=cfg.sampler.max_batch_size)
+        self.engine = SamplerEngine(self.model, self.tokenizer, max_batch_size=cfg.sampler.max_batch_size)
         self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
         self.model_name = job_id
         app = create_app(sampler=self.engine, chat=self.chat, store=self.store, model_name=self.model_name,
@@ -60,11 +57,9 @@ class EmbeddedRuntime:
     def dispatcher(self, agent: AgentFn) -> Dispatcher:
         api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
         return Dispatcher(agent, base_url=self.server.base_url, model=self.model_name,
-                          read_trajectory=self.store.get, concurrency=self.cfg.agent.concurrency,
+                          store=self.store, concurrency=self.cfg.agent.concurrency,
                           timeout=self.cfg.agent.rollout_timeout, api_key=api_key)
 
     def push_weights(self) -> int:
         """Send the trainer's current weights to the sampler; returns the new policy version."""
-        with torch.no_grad():
-            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return self.engine.update_weights(state)
+        return self.engine.update_weights(export_state_dict(self.model))

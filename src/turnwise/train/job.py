@@ -58,6 +58,20 @@ def run_train(cfg: JobConfig) -> tuple[TrainResult, dict]:
     return result, summary
 
 
+def run_train_checked(cfg: JobConfig) -> tuple[TrainResult, dict]:
+    """`run_train`, with bad input files reported as ConfigError (a message, not a traceback)."""
+    from turnwise.config import ConfigError
+    from turnwise.policy.load import ModelLoadError
+    from turnwise.train.data import TaskFileError
+    from turnwise.train.dispatch import AgentLoadError
+    from turnwise.train.sft import DemoFileError
+
+    try:
+        return run_train(cfg)
+    except (TaskFileError, AgentLoadError, DemoFileError, ModelLoadError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():
