@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """Shape of the built-in tiny model (a Qwen2 causal LM with our own BPE tokenizer)."""
 
-    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary, special tokens included")
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary, special tokens included")
     hidden_size: int = Field(256, ge=8)
     num_hidden_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(8, ge=1)
@@ -94,6 +94,10 @@ class TrackingConfig(_Section):
     experiment: str = "turnwise"
     progress: bool = True
     """Rich progress bar in the terminal."""
+    traces: bool = True
+    """Log every training rollout as an MLflow trace (a span per turn and per tool call)."""
+    log_checkpoints: bool = True
+    """Log checkpoint weights as MLflow artifacts."""
 
 
 class RuntimeConfig(_Section):
@@ -107,7 +111,34 @@ class RuntimeConfig(_Section):
 
 class AsyncConfig(_Section):
     max_steps_off_policy: int = Field(0, ge=0)
-    """0 = synchronous: every rollout of a step is sampled by the current weights."""
+    """0 = synchronous: every rollout of a step is sampled by the current weights. k > 0: sampling
+    continues while the trainer updates; a group whose oldest token is more than k policy versions
+    behind the weights it would train is dropped (`async/dropped_stale`)."""
+
+
+class EvalConfig(_Section):
+    """`turnwise eval`: held-out tasks (`data.test_path`) scored by a grader, not the training reward."""
+
+    group_size: int = Field(4, ge=1)
+    """Trials per task (n of pass@k and pass^k)."""
+    grader: Literal["exact_match", "lenient_match", "field_accuracy", "reward"] = "exact_match"
+    """Scores the last assistant message against `task[answer_key]`; `reward`: the agent's own reward."""
+    answer_key: str = "answer"
+    """Task field holding the ground-truth JSON object."""
+    temperature: float | None = Field(None, ge=0)
+    """None: the top-level `temperature`."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """None: `sampling_top_p`."""
+    max_tokens: int | None = Field(None, ge=1)
+    """None: `sampling_max_tokens`."""
+    max_tasks: int | None = Field(None, ge=1)
+    """Evaluate only the first N test tasks."""
+    gate: dict[str, float | str] = Field(default_factory=dict)
+    """Deployment gate, `{metric: threshold}`: a number means >=; or a string "<= 0.2", "> 0.5".
+    With `--compare`, `delta/<metric>` gates on B - A. Any failed check makes the exit code 1."""
+    bootstrap_samples: int = Field(1000, ge=0)
+    """Paired bootstrap resamples of tasks for the confidence intervals of `--compare` (0: none)."""
+    confidence: float = Field(0.95, gt=0, lt=1)
 
 
 class JobConfig(_Section):
@@ -125,6 +156,10 @@ class JobConfig(_Section):
     val_every: int = Field(0, ge=0)
     """Validate every N steps (0: only before and after training)."""
     val_group_size: int = Field(1, ge=1)
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end, or on SIGINT/SIGTERM)."""
+    incomplete_groups: Literal["keep", "drop"] = "keep"
+    """A group with failed or timed-out members: keep the rest (advantages among them) or drop it."""
 
     # advantages and losses
     advantage_method: str = "group_based"
@@ -139,6 +174,9 @@ class JobConfig(_Section):
                            "seq-mean-token-sum-norm"] = "token-mean"
     loss_agg_norm: float | None = None
     tis_cap: float | None = None
+    kl_coef: float = Field(0.0, ge=0)
+    """KL penalty to the reference policy (the RL start; with LoRA, the base without adapters)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
 
     # sampling
     temperature: float = Field(1.0, ge=0)
@@ -163,6 +201,10 @@ class JobConfig(_Section):
     lora_rank: int = Field(0, ge=0)
     """0 trains every weight; >0 trains LoRA adapters of this rank."""
     lora_alpha: int = Field(16, ge=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay of the learning rate over the RL optimizer steps, after the warmup."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0 to `learning_rate`."""
 
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -172,6 +214,7 @@ class JobConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     async_config: AsyncConfig = AsyncConfig()
+    eval: EvalConfig = EvalConfig()
 
     def sampling_params(self, *, greedy: bool = False) -> SamplingParams:
         return SamplingParams(
@@ -185,6 +228,7 @@ class JobConfig(_Section):
             clip_low_threshold=self.clip_low_threshold, clip_high_threshold=self.clip_high_threshold,
             clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level,
             loss_agg_mode=self.loss_agg_mode, loss_agg_norm=self.loss_agg_norm, tis_cap=self.tis_cap,
+            kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
         )
 
     def advantage_options(self) -> AdvantageOptions:

@@ -34,16 +34,25 @@ The tool returned an error: the order was not found. Please check the order id a
 The product id is invalid. The quantity must be a positive integer. The discount code expired.
 Your subscription renews on the first day of each month. You can cancel it at any time.
 I found two orders on your account. Which one would you like me to refund?
+You are a support agent. Follow the standard operating procedure (SOP) for every request.
+Look up the order first, then answer. Call a tool when you need data; read the tool response.
+The system prompt lists the tools. The user asks; the assistant answers; the tool responds.
+Each tool is a function with a name, a description and parameters: a JSON object whose
+properties are typed (string, number, integer, boolean, array, object) and some are required.
+SOP: a delivered order is closed, an order in transit means the customer should wait, a damaged
+parcel is refunded, a lost parcel is replaced. Escalate fraud to a human. The action is final.
 """
 
 _NAMES = ["Alice", "Bob", "Carmen", "Dmitri", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal",
           "Kira", "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
 _PRODUCTS = ["wireless headphones", "coffee maker", "running shoes", "phone case", "desk lamp",
              "backpack", "water bottle", "keyboard", "monitor", "blender", "jacket", "book"]
-_STATUSES = ["pending", "processing", "shipped", "delivered", "cancelled", "returned", "refunded"]
+_STATUSES = ["pending", "processing", "shipped", "delivered", "cancelled", "returned", "refunded",
+             "in_transit", "lost", "damaged"]
 _REASONS = ["damaged", "wrong item", "late delivery", "changed mind", "defective", "not as described"]
 _TOOLS = {
     "get_order": {"order_id": "string"},
+    "lookup_order": {"order_id": "string"},
     "list_orders": {"customer_id": "string", "status": "string"},
     "refund_order": {"order_id": "string", "amount": "number", "reason": "string"},
     "cancel_order": {"order_id": "string"},
@@ -115,5 +124,8 @@ def tiny_corpus(n_dialogues: int = 400) -> list[str]:
         texts.append(f"{{\"name\":\"{name}\",\"arguments\":{compact}}}")
         texts.append(f"<final_output>{json.dumps({'order_id': order['order_id'], 'refund': order['total']})}"
                      "</final_output>")
+        texts.append(f"<|im_start|>system\nYou are a support agent.<|im_end|>\n<|im_start|>user\n"
+                     f"{rng.choice(_PRODUCTS)}<|im_end|>\n<|im_start|>assistant\n"
+                     f"<final_output>{json.dumps({'action': rng.choice(_STATUSES)})}</final_output><|im_end|>")
         texts.append(" ".join(str(rng.randint(0, 10**rng.randint(1, 9))) for _ in range(8)))
     return texts

@@ -21,7 +21,8 @@ import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from turnwise.config import ModelConfig, TinyModelConfig
-from turnwise.policy.tokenizer import IM_END, PAD, build_tiny_tokenizer
+from turnwise.policy.corpus import tiny_corpus
+from turnwise.policy.tokenizer import HERMES_TEMPLATE, IM_END, PAD, build_tiny_tokenizer
 
 FORMAT_VERSION = 1
 
@@ -48,7 +49,10 @@ def tiny_model_dir(cfg: ModelConfig) -> Path:
 
 
 def _config_hash(tiny: TinyModelConfig) -> str:
-    payload = json.dumps({"format": FORMAT_VERSION, **tiny.model_dump()}, sort_keys=True)
+    # the corpus and template are hashed too, so editing either can never reuse a stale cached model
+    text = "\n".join(tiny_corpus()) + HERMES_TEMPLATE
+    payload = json.dumps({"format": FORMAT_VERSION, "text": hashlib.sha256(text.encode()).hexdigest(),
+                          **tiny.model_dump()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

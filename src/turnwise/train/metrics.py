@@ -1,0 +1,98 @@
+"""What a step logs about its rollouts, and the failure policy that decides which groups train.
+
+Failure policy: a rollout that raised, timed out, or made no model call is FAILED and never
+trains. Its group is then incomplete: `incomplete_groups: keep` trains the other members
+(advantages among them), `drop` leaves the whole group out. A group with no usable member is
+always dropped. Every decision is counted (`rollout/failed`, `rollout/timeouts`,
+`groups/incomplete`, `groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
+(`agent.rollout_timeout`) bound every rollout, so a step cannot hang on an agent.
+
+Agent-reported numbers (`RolloutResult.metrics`, with or without a `rollout/` prefix) aggregate
+as `rollout/tool_calls/mean`, `rollout/tool_errors/frac` (errors / calls), `rollout/stop/<reason>`
+(fraction of rollouts), and `rollout/<name>/mean` for any other name. Without a report, tool
+calls are counted from the recorded turns and the stop reason is the last turn's finish reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from turnwise.train.datums import usable
+from turnwise.types import Group, RolloutResult
+
+
+def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Group], dict[str, float]]:
+    """The groups that train under `policy` ("keep" | "drop"), and counts of every decision."""
+    kept: list[Group] = []
+    rollouts = [r for g in groups for r in g.rollouts_G]
+    failed = [r for r in rollouts if not usable(r)]
+    counts = {"incomplete": 0, "dropped_incomplete": 0, "dropped_empty": 0}
+    for g in groups:
+        n_ok = sum(usable(r) for r in g.rollouts_G)
+        if n_ok == 0:
+            counts["dropped_empty"] += 1
+            continue
+        if n_ok < len(g.rollouts_G):
+            counts["incomplete"] += 1
+            if policy == "drop":
+                counts["dropped_incomplete"] += 1
+                continue
+        kept.append(g)
+    metrics = {f"groups/{k}": float(v) for k, v in counts.items()}
+    metrics |= {"rollout/failed": float(len(failed)),
+                "rollout/timeouts": float(sum("timed out" in (r.trajectory.error or "") for r in failed)),
+                "rollout/failed_frac": len(failed) / max(1, len(rollouts)),
+                "groups/kept": float(len(kept))}
+    return kept, metrics
+
+
+def staleness(group: Group, current_version: int) -> int:
+    """Policy versions between the weights about to train and the oldest token of the group."""
+    versions = [t.version for r in group.rollouts_G if usable(r) for t in r.trajectory.turns]
+    return current_version - min(versions) if versions else 0
+
+
+def agent_metrics(r: RolloutResult) -> dict[str, float]:
+    """The rollout's reported numbers without the `rollout/` prefix, with defaults filled in."""
+    out = {k.removeprefix("rollout/"): float(v) for k, v in r.metrics.items()}
+    turns = r.trajectory.turns
+    out.setdefault("tool_calls", float(sum(len(t.message.tool_calls) for t in turns)))
+    out.setdefault("tool_errors", 0.0)
+    if not any(k.startswith("stop/") for k in out):
+        reason = "failed" if not usable(r) else (turns[-1].finish_reason.value if turns else "none")
+        out[f"stop/{reason}"] = 1.0
+    return out
+
+
+def rollout_metrics(groups: Sequence[Group], success_threshold: float) -> dict[str, float]:
+    rollouts = [r for g in groups for r in g.rollouts_G]
+    ok = [r for r in rollouts if usable(r)]
+    rewards = [r.trajectory.reward if usable(r) else 0.0 for r in rollouts]
+    valid = [r.trajectory.reward for r in ok]
+    turns = [t for r in ok for t in r.trajectory.turns]
+    out = {
+        "rollout/reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+        "rollout/reward/valid_mean": float(np.mean(valid)) if valid else 0.0,
+        "rollout/reward/zero_frac": float(np.mean([v == 0 for v in valid])) if valid else 0.0,
+        "rollout/pass_rate": float(np.mean([v >= success_threshold for v in rewards])) if rewards else 0.0,
+        "rollout/turns/mean": float(np.mean([len(r.trajectory.turns) for r in ok])) if ok else 0.0,
+        "rollout/tokens/response_max": float(max((len(t.completion_ids) for t in turns), default=0)),
+        "rollout/tokens/response_mean": float(np.mean([len(t.completion_ids) for t in turns])) if turns else 0.0,
+        "rollout/tool_parse_errors": float(sum(t.tool_parse_error for t in turns)),
+        "usage/sample_tokens": float(sum(len(t.completion_ids) for t in turns)),
+        "usage/prefill_tokens": float(sum(len(t.prompt_ids) - t.reused_prompt_tokens for t in turns)),
+        "time/rollout/mean": float(np.mean([r.seconds for r in rollouts])) if rollouts else 0.0,
+        "time/rollout/max": float(max((r.seconds for r in rollouts), default=0.0)),
+    }
+    reported = [agent_metrics(r) for r in rollouts]
+    calls = sum(m["tool_calls"] for m in reported)
+    out["rollout/tool_calls/mean"] = calls / max(1, len(reported))
+    out["rollout/tool_errors/frac"] = sum(m["tool_errors"] for m in reported) / calls if calls else 0.0
+    for key in sorted({k for m in reported for k in m}):
+        if key.startswith("stop/"):
+            out[f"rollout/{key}"] = sum(m.get(key, 0.0) for m in reported) / max(1, len(reported))
+        elif key not in ("tool_calls", "tool_errors", "turns"):
+            out[f"rollout/{key}/mean"] = float(np.mean([m.get(key, 0.0) for m in reported]))
+    return out
