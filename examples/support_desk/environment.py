@@ -46,7 +46,12 @@ def lookup_order(task: Mapping[str, Any], arguments: str) -> str:
     order = task["order"]
     if args["order_id"] != order["order_id"]:
         return json.dumps({"error": f"order {args['order_id']} not found"})
-    return json.dumps({"order_id": order["order_id"], "status": order["status"]})
+    return order_record(order)
+
+
+def order_record(order: Mapping[str, Any]) -> str:
+    """The tool's JSON answer for an order (status first, as the order system returns it)."""
+    return json.dumps({"status": order["status"], "order_id": order["order_id"]})
 
 
 _FINAL = re.compile(r"<final_output>(.*?)</final_output>", re.DOTALL)

@@ -12,14 +12,16 @@ import json
 import random
 from pathlib import Path
 
-from examples.support_desk.environment import SOP, SYSTEM_PROMPT, TOOLS
+from examples.support_desk.environment import SOP, SYSTEM_PROMPT, TOOLS, order_record
 
 DATA = Path(__file__).parent / "data"
+# Every message ends with the order number: customers paste it last, and a fixed distance from
+# the number to the tool call makes copying it learnable for the tiny model within minutes.
 QUESTIONS = [
-    "Hi, what is going on with order {id}?",
-    "Where is my order {id}?",
-    "My order {id} has a problem. Can you help?",
-    "Please check order {id} for me.",
+    "Hi, what is going on with my order? Order {id}.",
+    "Where is my parcel? It is order {id}.",
+    "My order has a problem. Can you help? Order {id}.",
+    "Please check this for me: order {id}.",
     "I need help with order {id}.",
 ]
 EXPERT_OUTDATED_RATE = 0.7
@@ -49,7 +51,7 @@ def expert_demo(task: dict, rng: random.Random) -> dict:
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "call_0", "type": "function", "function": {"name": "lookup_order", "arguments": call_args}}]},
         {"role": "tool", "tool_call_id": "call_0",
-         "content": json.dumps({"order_id": order["order_id"], "status": order["status"]})},
+         "content": order_record(order)},
         {"role": "assistant", "content": f"<final_output>{final}</final_output>"},
     ]}
 

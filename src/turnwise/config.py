@@ -67,14 +67,25 @@ class DataConfig(_Section):
 
 
 class AgentConfig(_Section):
-    kind: Literal["python"] = "python"
-    """python: an in-process async function."""
+    kind: Literal["python", "http", "worker"] = "python"
+    """python: an in-process async function; http: push to an agent server's POST {url}/rollout;
+    worker: queue tasks on the runtime for pull workers (`turnwise worker`)."""
     function: str | None = None
-    """`module:function` of the agent: async def agent(task, client, ctx) -> reward."""
+    """`module:function` of the agent: async def agent(task, client, ctx) -> reward (kind python)."""
+    url: str | None = None
+    """Agent server root, e.g. http://127.0.0.1:8080 (kind http; it serves /rollout and /health)."""
+    api_key: str | None = None
+    """Bearer key the agent server requires on /rollout (its inbound_api_key; kind http)."""
+    endpoint: str | None = None
+    """Runtime URL as agents reach it (kinds http, worker). None: the runtime's own URL (http),
+    the URL the worker leased from (worker)."""
     concurrency: int = Field(64, ge=1)
-    """Most rollouts running at once."""
+    """Most rollouts running at once (kinds python, http; workers set their own)."""
     rollout_timeout: float = Field(300.0, gt=0)
     """Seconds before a rollout counts as failed."""
+    rollout_max_retries: int = Field(2, ge=0)
+    """Fresh attempts, each with a new trajectory id, after a rollout that never ran its course:
+    http: connection error, HTTP 429/5xx or timeout; worker: the worker died (its lease expired)."""
 
 
 class WarmStartConfig(_Section):
@@ -107,6 +118,9 @@ class RuntimeConfig(_Section):
     api_keys: tuple[str, ...] = ()
     """Bearer keys; required when binding beyond loopback."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    opaque_tokens_on_loopback: bool = False
+    """With api_keys: also accept unknown bearer tokens from loopback peers (the managed agent
+    SDK's signed AWS tokens, which turnwise cannot verify); see turnwise.runtime.auth."""
 
 
 class AsyncConfig(_Section):
@@ -139,6 +153,23 @@ class EvalConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=0)
     """Paired bootstrap resamples of tasks for the confidence intervals of `--compare` (0: none)."""
     confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class VerifyConfig(_Section):
+    """`turnwise verify`: is the environment fit for training? (contract in `turnwise.eval.verify`)"""
+
+    tasks: int = Field(8, ge=1)
+    """Tasks sampled (with `seed`) from `data.train_path`, each run, replayed and scored."""
+    concurrency: int = Field(32, ge=1)
+    """Rollouts run at once in the isolation check."""
+    production_schemas: str | None = None
+    """JSON or YAML file of the production tool schemas; None skips the schema check."""
+    tools: str | None = None
+    """`module:attr`, a ToolBox or list of tool schemas; None: the tools the agent offered the model."""
+    oracle_agent: str | None = None
+    """`module:function` with the agent's signature that should reach `success_threshold`; None skips."""
+    null_agent: str | None = None
+    """`module:function` that should score 0; None: the job's agent with a policy that replies nothing."""
 
 
 class JobConfig(_Section):
@@ -215,6 +246,7 @@ class JobConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     async_config: AsyncConfig = AsyncConfig()
     eval: EvalConfig = EvalConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     def sampling_params(self, *, greedy: bool = False) -> SamplingParams:
         return SamplingParams(
@@ -236,7 +268,7 @@ class JobConfig(_Section):
 
 
 _PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
-              ("warm_start", "demos_path"), ("model", "path"))
+              ("warm_start", "demos_path"), ("model", "path"), ("verify", "production_schemas"))
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:

@@ -84,7 +84,10 @@ class EvalRollout:
     """The reward the agent returned (the training reward), for reference; None if it failed."""
     turns: int
     tool_calls: int
+    """Tool calls the model made, unparseable attempts included."""
     tool_errors: int
+    """Calls whose result was an error (the agent's `tool_errors` metric when it reports one, else
+    tool results that are a JSON object with an `error` key), plus unparseable attempts."""
     completion_tokens: int
     prompt_tokens: int
     latency_s: float
@@ -132,12 +135,13 @@ def grade_rollout(*, task_id: str, trial: int, trajectory_id: str, turns: Sequen
     """Grade one trial. `answer` is the task's ground truth (None when it has none)."""
     last = turns[-1] if turns else None
     messages = tuple(m.to_openai() for m in (*last.request_messages, last.message)) if last else ()
-    tool_calls = sum(len(t.message.tool_calls) for t in turns)
+    # an unparseable tool call is an attempted call that failed
+    parse_errors = sum(t.tool_parse_error for t in turns)
+    tool_calls = sum(len(t.message.tool_calls) for t in turns) + parse_errors
     if "tool_errors" in agent_metrics:  # the agent knows what its tools count as an error
-        tool_errors = int(agent_metrics["tool_errors"])
+        tool_errors = int(agent_metrics["tool_errors"]) + parse_errors
     else:
-        tool_errors = sum(_is_tool_error(m) for m in (last.request_messages if last else ()))
-    tool_errors += sum(t.tool_parse_error for t in turns)
+        tool_errors = sum(_is_tool_error(m) for m in (last.request_messages if last else ())) + parse_errors
     score, exact = 0.0, None
     if error is None:
         stop = _normal_stop(last)  # type: ignore[arg-type]

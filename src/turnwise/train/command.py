@@ -1,8 +1,9 @@
-"""`turnwise train [CONFIG] [--set k=v ...]`."""
+"""`turnwise train [CONFIG] [--set k=v ...]` and `turnwise train --resume RUN_DIR [--set k=v ...]`."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from turnwise.config import ConfigError, JobConfig, load_config
@@ -28,13 +29,31 @@ def load_job_config(args: argparse.Namespace) -> JobConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its latest checkpoint (its config.yaml, "
+                             "plus any --set overrides, e.g. --set max_steps=60)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from turnwise.train.checkpoint import latest_checkpoint
     from turnwise.train.job import run_train_checked
 
-    result, summary = run_train_checked(load_job_config(args))
+    resume_dir = None
+    if args.resume:
+        resume_dir = Path(args.resume)
+        if args.config:
+            raise ConfigError("give either CONFIG or --resume RUN_DIR, not both")
+        if not (resume_dir / "config.yaml").is_file() or latest_checkpoint(resume_dir) is None:
+            raise ConfigError(f"{resume_dir} is not a run directory with a checkpoint to resume from")
+        cfg = load_config(resume_dir / "config.yaml", args.overrides)
+    else:
+        cfg = load_job_config(args)
+    result, summary = run_train_checked(cfg, resume_dir)
     print(f"run: {result.run_dir}")
+    if result.interrupted:
+        print(f"interrupted after step {result.steps} (checkpoint saved); "
+              f"continue with: turnwise train --resume {result.run_dir}")
+        return 128 + signal.SIGINT
     print(f"val reward: after warm start {fmt(result.val_reward_before_rl)}, "
           f"after RL {fmt(result.val_reward_after_rl)}")
     print(f"mlflow: {summary['mlflow_tracking_uri']} (run {summary['mlflow_run_id']})")

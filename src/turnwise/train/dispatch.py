@@ -1,5 +1,10 @@
 """Run agents on tasks: `len(tasks) x group_size` rollouts with a concurrency limit.
 
+Three dispatchers share `run_groups(tasks, group_size, inference_params) -> list[Group]`, one per
+`agent.kind` (`make_dispatcher` picks): `Dispatcher` here (python: an in-process function),
+`turnwise.train.push.PushDispatcher` (http: an agent server's /rollout) and
+`turnwise.train.pull.WorkerDispatcher` (worker: pull workers lease tasks from the runtime).
+
 An in-process agent is `async def agent(task: dict, client: openai.AsyncOpenAI, ctx: RolloutContext)`.
 It returns its reward: a float, a list of floats (one per turn), or an object with `.value`
 (or `["reward"]`) and `.metrics`. The dispatcher then reports complete-rollout and
@@ -18,14 +23,46 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from turnwise.adapter.context import RolloutContext
 from turnwise.adapter.feedback import FeedbackClient
+from turnwise.config import AgentConfig, ConfigError
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import Group, RolloutResult, Task, TrajectoryStatus
 
 AgentFn = Callable[[dict, Any, RolloutContext], Awaitable[Any]]
+
+
+class RolloutDispatcher(Protocol):
+    """What the training loop needs from a dispatcher, whatever the agent kind."""
+
+    async def run_groups(self, tasks: Sequence[Task], group_size: int,
+                         inference_params: Mapping[str, Any]) -> list[Group]:
+        """A `Group` per task with `group_size` rollouts; failed ones FAILED with their error."""
+        ...
+
+
+def make_dispatcher(agent_cfg: AgentConfig, agent: AgentFn | None, *, base_url: str, model: str,
+                    store: TrajectoryStore, api_key: str | None = None) -> RolloutDispatcher:
+    """The dispatcher of `agent_cfg.kind` for a runtime at `base_url` (`api_key`: the runtime's key)."""
+    from turnwise.train.pull import WorkerDispatcher
+    from turnwise.train.push import PushDispatcher
+
+    if agent_cfg.kind == "http":
+        if not agent_cfg.url:
+            raise ConfigError("agent.kind is http: set agent.url to the agent server, e.g. http://127.0.0.1:8080")
+        return PushDispatcher(agent_cfg.url, base_url=base_url, model=model, store=store,
+                              concurrency=agent_cfg.concurrency, timeout=agent_cfg.rollout_timeout,
+                              max_retries=agent_cfg.rollout_max_retries, api_key=agent_cfg.api_key,
+                              endpoint=agent_cfg.endpoint)
+    if agent_cfg.kind == "worker":
+        return WorkerDispatcher(model=model, store=store, timeout=agent_cfg.rollout_timeout,
+                                max_retries=agent_cfg.rollout_max_retries, endpoint=agent_cfg.endpoint)
+    if agent is None:
+        agent = load_agent(agent_cfg.function)
+    return Dispatcher(agent, base_url=base_url, model=model, store=store, concurrency=agent_cfg.concurrency,
+                      timeout=agent_cfg.rollout_timeout, api_key=api_key)
 
 
 class AgentLoadError(ValueError):

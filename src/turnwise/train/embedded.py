@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 
 from turnwise.config import JobConfig
 from turnwise.policy.chat import ChatFormat
-from turnwise.policy.checkpoint import export_state_dict
+from turnwise.policy.checkpoint import apply_lora, export_state_dict
 from turnwise.policy.load import load_policy
 from turnwise.policy.sampler import SamplerEngine
 from turnwise.runtime.app import create_app
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
-from turnwise.train.dispatch import AgentFn, Dispatcher
+from turnwise.train.dispatch import AgentFn, RolloutDispatcher, make_dispatcher
 
 T = TypeVar("T")
 
@@ -52,13 +52,24 @@ class EmbeddedRuntime:
         self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the runtime's event loop; from a worker thread while the loop runs (async mode)."""
+        if self.loop.is_running():
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         return self.loop.run_until_complete(coro)
 
-    def dispatcher(self, agent: AgentFn) -> Dispatcher:
+    def dispatcher(self, agent: AgentFn | None = None) -> RolloutDispatcher:
+        """The dispatcher of `agent.kind`: `agent` runs in process (python; None loads
+        `agent.function`); http pushes to `agent.url`; worker queues tasks for pull workers."""
         api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
-        return Dispatcher(agent, base_url=self.server.base_url, model=self.model_name,
-                          store=self.store, concurrency=self.cfg.agent.concurrency,
-                          timeout=self.cfg.agent.rollout_timeout, api_key=api_key)
+        return make_dispatcher(self.cfg.agent, agent, base_url=self.server.base_url, model=self.model_name,
+                               store=self.store, api_key=api_key)
+
+    def apply_lora(self, base_dir: Path | None = None) -> None:
+        """Wrap the trained model with LoRA adapters (`lora_rank`, `lora_alpha`); the sampler keeps
+        the full weights. `base_dir` is the directory saved adapters name as their base."""
+        self.model = apply_lora(self.model, self.cfg.lora_rank, self.cfg.lora_alpha)
+        if base_dir is not None:
+            self.model.peft_config["default"].base_model_name_or_path = str(base_dir)
 
     def push_weights(self) -> int:
         """Send the trainer's current weights to the sampler; returns the new policy version."""

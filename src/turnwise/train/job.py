@@ -34,13 +34,14 @@ def make_logger(cfg: JobConfig, run_dir: Path, run_name: str) -> MultiLogger:
     return MultiLogger(*backends)
 
 
-def run_train(cfg: JobConfig) -> tuple[TrainResult, dict]:
-    """Train, then write `summary.json` and `reward_curve.png` into the run directory."""
+def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
+    """Train (or resume the run in `resume_dir` from its latest checkpoint), then write
+    `summary.json` and `reward_curve.png` into the run directory."""
     agent = load_agent(cfg.agent.function)
-    run_dir = new_run_dir(cfg)
+    run_dir = new_run_dir(cfg) if resume_dir is None else Path(resume_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    logger = make_logger(cfg, run_dir, run_dir.name)
-    logger.log_params(flatten(cfg.model_dump(mode="json")))
+    logger = make_logger(cfg, run_dir, run_dir.name if resume_dir is None else f"{run_dir.name}-resumed")
+    logger.log_params(flatten(cfg.model_dump(mode="json")) | ({"resumed_from": str(run_dir)} if resume_dir else {}))
     try:
         result = train(cfg, agent, run_dir, logger)
         curve = plot_reward_curve(run_dir)
@@ -58,7 +59,7 @@ def run_train(cfg: JobConfig) -> tuple[TrainResult, dict]:
     return result, summary
 
 
-def run_train_checked(cfg: JobConfig) -> tuple[TrainResult, dict]:
+def run_train_checked(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
     """`run_train`, with bad input files reported as ConfigError (a message, not a traceback)."""
     from turnwise.config import ConfigError
     from turnwise.policy.load import ModelLoadError
@@ -67,7 +68,7 @@ def run_train_checked(cfg: JobConfig) -> tuple[TrainResult, dict]:
     from turnwise.train.sft import DemoFileError
 
     try:
-        return run_train(cfg)
+        return run_train(cfg, resume_dir)
     except (TaskFileError, AgentLoadError, DemoFileError, ModelLoadError) as e:
         raise ConfigError(str(e)) from None
 

@@ -27,9 +27,9 @@ class Progress:
         if self._bar and self._task is not None:
             self._bar.update(self._task, completed=k, info=f"loss {loss:.3f}")
 
-    def start_rl(self) -> None:
+    def start_rl(self, start_step: int = 0) -> None:
         if self._bar:
-            self._task = self._bar.add_task("RL step", total=self.total_steps, info="")
+            self._task = self._bar.add_task("RL step", total=self.total_steps, completed=start_step, info="")
 
     def update(self, step: int, reward: float, pass_rate: float) -> None:
         if self._bar and self._task is not None:

@@ -1,0 +1,123 @@
+"""Pull dispatch: queue rollouts on the runtime's task queue; `turnwise worker`s lease and run them.
+
+    dispatcher = WorkerDispatcher(model=name, store=store, timeout=300.0, max_retries=2)
+    groups = await dispatcher.run_groups(tasks, group_size, {"temperature": 1.0, ...})
+
+Each rollout becomes one task (`turnwise.runtime.tasks`) whose payload is the push payload of
+DESIGN.md plus `rollout_timeout`, which the worker enforces. A worker leases it, runs the
+agent (which reports complete-rollout and update-reward), and reports the task done or failed.
+A worker that dies stops heartbeating; its lease expires, its trajectory is failed, and the
+task is queued again as a new attempt with a new trajectory id, up to `max_retries + 1`
+attempts. The dispatcher waits until every task is done or failed and returns the trajectory
+of its last attempt: one per task, so nothing is counted twice.
+
+Queued tasks wait for workers without limit (a warning is logged while none come); a leased
+one is bounded by the worker's timeout and, should the worker hang or die, by its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.runtime.tasks import TaskQueue, TaskStatus
+from turnwise.train.push import TERMINAL, fail_in_progress, final_trajectory, push_payload
+from turnwise.types import Group, RolloutResult, Task, Trajectory, TrajectoryStatus
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 500  # ids per SQL query (SQLite limits bound parameters)
+
+
+class WorkerDispatcher:
+    """Runs rollouts through pull workers (see the module docstring)."""
+
+    def __init__(self, *, model: str, store: TrajectoryStore, timeout: float, max_retries: int = 2,
+                 endpoint: str | None = None, poll_interval: float = 0.05, warn_after: float = 60.0) -> None:
+        self.model = model
+        self.store = store
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.endpoint = endpoint
+        """Runtime URL for the agents; None: the URL the worker leased from."""
+        self.poll_interval = poll_interval
+        self.warn_after = warn_after
+
+    async def run_groups(self, tasks: Sequence[Task], group_size: int,
+                         inference_params: Mapping[str, Any]) -> list[Group]:
+        queue = TaskQueue(self.store, max_attempts=self.max_retries + 1)
+        batch = uuid.uuid4().hex[:12]
+        ids = [f"{batch}-{i}-{g}" for i in range(len(tasks)) for g in range(group_size)]
+        rows = []
+        for i, task in enumerate(tasks):
+            payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
+                                   endpoint=self.endpoint)
+            payload["rollout_timeout"] = self.timeout
+            rows += [(ids[i * group_size + g], payload) for g in range(group_size)]
+        start = time.perf_counter()
+        queue.add(rows)
+        finished = await self._wait(queue, ids, start)
+        results = [RolloutResult(task=tasks[k // group_size], trajectory=finished[task_id][0],
+                                 seconds=finished[task_id][1]) for k, task_id in enumerate(ids)]
+        return [Group(task=t, rollouts_G=tuple(results[i * group_size:(i + 1) * group_size]))
+                for i, t in enumerate(tasks)]
+
+    async def _wait(self, queue: TaskQueue, ids: Sequence[str], start: float) -> dict[str, tuple[Trajectory, float]]:
+        """Poll until every task ended; task id -> (its last attempt's trajectory, seconds)."""
+        pending = set(ids)
+        ended_at: dict[str, float] = {}  # task done, trajectory not yet rewarded: when first seen
+        finished: dict[str, tuple[Trajectory, float]] = {}
+        last_progress = time.monotonic()
+        while pending:
+            queue.get(next(iter(pending)))  # applies lease expiry (re-queues tasks of dead workers)
+            for task_id, status, trajectory_id, error in self._ended(pending):
+                trajectory = self._trajectory_of(task_id, status, trajectory_id, error)
+                if trajectory.status not in TERMINAL:  # the queue is sealing it, or update-reward may follow
+                    first = ended_at.setdefault(task_id, time.monotonic())
+                    if time.monotonic() - first < self.timeout:
+                        continue
+                    fail_in_progress(self.store, trajectory.id, f"task {status.value} but its trajectory was "
+                                                                f"never completed ({error or 'no error given'})")
+                    trajectory = final_trajectory(self.store, trajectory.id, self.timeout)
+                finished[task_id] = (trajectory, time.perf_counter() - start)
+                pending.discard(task_id)
+                last_progress = time.monotonic()
+            if pending and time.monotonic() - last_progress > self.warn_after:
+                counts = queue.counts()
+                log.warning("%d rollouts still waiting (%d queued, %d leased): are `turnwise worker`s running "
+                            "against this runtime?", len(pending), counts["queued"], counts["leased"])
+                last_progress = time.monotonic()
+            if pending:
+                await asyncio.sleep(self.poll_interval)
+        return finished
+
+    def _ended(self, task_ids: Iterable[str]) -> list[tuple[str, TaskStatus, str | None, str | None]]:
+        """(id, status, trajectory id, error) of the given tasks that are done or failed."""
+        ids = list(task_ids)
+        out = []
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i:i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            with self.store.transaction() as conn:
+                rows = conn.execute(f"SELECT id, status, trajectory_id, error FROM tasks WHERE job_id=? "
+                                    f"AND status IN (?, ?) AND id IN ({marks})",
+                                    (self.store.job_id, TaskStatus.DONE.value, TaskStatus.FAILED.value,
+                                     *chunk)).fetchall()
+            out += [(r["id"], TaskStatus(r["status"]), r["trajectory_id"], r["error"]) for r in rows]
+        return out
+
+    def _trajectory_of(self, task_id: str, status: TaskStatus, trajectory_id: str | None,
+                       error: str | None) -> Trajectory:
+        trajectory = self.store.get(trajectory_id) if trajectory_id else None
+        if trajectory is None:  # cannot happen through the queue; keep the result well-formed anyway
+            trajectory_id = trajectory_id or f"{task_id}.none"
+            self.store.begin(trajectory_id)
+            self.store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error or f"task {status.value}")
+            trajectory = self.store.get(trajectory_id)
+            assert trajectory is not None
+        return trajectory
