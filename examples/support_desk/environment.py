@@ -2,7 +2,7 @@
 
 The SOP maps an order's status to the one action an agent may take:
 
-    delivered -> close      in_transit -> wait      damaged -> refund      lost -> replace
+    delivered -> close      shipped -> wait      damaged -> refund      lost -> replace
 
 The agent must look the order up (its status is not in the customer's message), then answer
 with `<final_output>{"order_id": "...", "action": "..."}</final_output>`.
@@ -16,13 +16,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-SOP = {"delivered": "close", "in_transit": "wait", "damaged": "refund", "lost": "replace"}
+SOP = {"delivered": "close", "shipped": "wait", "damaged": "refund", "lost": "replace"}
 
-SYSTEM_PROMPT = (
-    "You are a support agent. Look up the order, then answer with "
-    '<final_output>{"order_id": ..., "action": ...}</final_output>. '
-    "SOP: delivered=close, in_transit=wait, damaged=refund, lost=replace."
-)
+SYSTEM_PROMPT = "Support agent. Follow the SOP."
 
 TOOLS = [{
     "type": "function",

@@ -96,6 +96,9 @@ class WarmStartConfig(_Section):
     epochs: int = Field(1, ge=0)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay over the warm start's steps (after warmup)."""
+    warmup_steps: int = Field(10, ge=0)
 
 
 class TrackingConfig(_Section):

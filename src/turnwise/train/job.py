@@ -37,7 +37,7 @@ def make_logger(cfg: JobConfig, run_dir: Path, run_name: str) -> MultiLogger:
 def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
     """Train (or resume the run in `resume_dir` from its latest checkpoint), then write
     `summary.json` and `reward_curve.png` into the run directory."""
-    agent = load_agent(cfg.agent.function)
+    agent = load_agent(cfg.agent.function) if cfg.agent.kind == "python" else None
     run_dir = new_run_dir(cfg) if resume_dir is None else Path(resume_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     logger = make_logger(cfg, run_dir, run_dir.name if resume_dir is None else f"{run_dir.name}-resumed")

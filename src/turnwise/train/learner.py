@@ -67,15 +67,16 @@ class Learner:
     """Owns the trained model, its AdamW optimizer, the learning-rate schedule and the KL reference."""
 
     def __init__(self, model: torch.nn.Module, cfg: JobConfig, learning_rate: float | None = None,
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, schedule: str | None = None,
+                 warmup_steps: int | None = None) -> None:
         self.model = model
         self.cfg = cfg
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=learning_rate or cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        schedule = "constant" if total_steps is None else cfg.lr_schedule
-        warmup = 0 if total_steps is None else cfg.lr_warmup_steps
+        schedule = "constant" if total_steps is None else (schedule or cfg.lr_schedule)
+        warmup = 0 if total_steps is None else (cfg.lr_warmup_steps if warmup_steps is None else warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(schedule, warmup, total_steps or 1))
         self._reference: torch.nn.Module | None = None

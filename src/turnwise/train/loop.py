@@ -90,7 +90,7 @@ class Run:
     mlflow: Any = field(default=None)
 
 
-def train(cfg: JobConfig, agent: AgentFn, run_dir: Path, logger: Logger) -> TrainResult:
+def train(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) -> TrainResult:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     train_tasks = load_tasks(cfg.data.train_path) if cfg.data.train_path else []
@@ -220,10 +220,11 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
     """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens)."""
     demos = load_demos(cfg.warm_start.demos_path)  # type: ignore[arg-type]
     datums = [demo_to_datum(rt.chat, msgs, tools, f"demo-{i}") for i, (msgs, tools) in enumerate(demos)]
-    learner = Learner(rt.model, cfg, learning_rate=cfg.warm_start.learning_rate)
     rng = random.Random(cfg.seed)
     size = cfg.warm_start.batch_size
     n_batches = cfg.warm_start.epochs * max(1, len(datums) // size)
+    learner = Learner(rt.model, cfg, learning_rate=cfg.warm_start.learning_rate, total_steps=n_batches,
+                      schedule=cfg.warm_start.lr_schedule, warmup_steps=cfg.warm_start.warmup_steps)
     progress.start_warm_start(n_batches)
     k = 0
     for _ in range(cfg.warm_start.epochs):
