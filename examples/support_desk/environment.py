@@ -4,8 +4,9 @@ The SOP maps an order's status to the one action an agent may take:
 
     delivered -> close      shipped -> wait      damaged -> refund      lost -> replace
 
-The agent must look the order up (its status is not in the customer's message), then answer
-with `<final_output>{"order_id": "...", "action": "..."}</final_output>`.
+The customer is signed in, so `lookup_order` with no arguments returns their latest order. The
+agent must look it up (the status is not in the customer's message), then answer with
+`<final_output>{"action": "..."}</final_output>`.
 The order database is per task (the task row's `order`), so concurrent rollouts share nothing.
 """
 
@@ -24,9 +25,8 @@ TOOLS = [{
     "type": "function",
     "function": {
         "name": "lookup_order",
-        "description": "Get an order's status.",
-        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
-                       "required": ["order_id"]},
+        "description": "Get an order. Without order_id: the signed-in customer's latest order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
     },
 }]
 
@@ -37,10 +37,10 @@ def lookup_order(task: Mapping[str, Any], arguments: str) -> str:
         args = json.loads(arguments)
     except json.JSONDecodeError:
         return json.dumps({"error": "arguments are not valid JSON"})
-    if not isinstance(args, dict) or not isinstance(args.get("order_id"), str):
-        return json.dumps({"error": "order_id (a string) is required"})
+    if not isinstance(args, dict) or not isinstance(args.get("order_id", ""), str):
+        return json.dumps({"error": "order_id must be a string"})
     order = task["order"]
-    if args["order_id"] != order["order_id"]:
+    if args.get("order_id", order["order_id"]) != order["order_id"]:
         return json.dumps({"error": f"order {args['order_id']} not found"})
     return order_record(order)
 

@@ -15,14 +15,13 @@ from pathlib import Path
 from examples.support_desk.environment import SOP, SYSTEM_PROMPT, TOOLS, order_record
 
 DATA = Path(__file__).parent / "data"
-# Every message ends with the order number: customers paste it last, and a fixed distance from
-# the number to the tool call makes copying it learnable for the tiny model within minutes.
 QUESTIONS = [
-    "Hi, what is going on with my order? Order {id}.",
-    "Where is my parcel? It is order {id}.",
-    "My order has a problem. Can you help? Order {id}.",
-    "Please check this for me: order {id}.",
-    "I need help with order {id}.",
+    "Hi, what is going on with my order?",
+    "Where is my parcel?",
+    "My order has a problem. Can you help?",
+    "Please check my last order for me.",
+    "I need help with my order.",
+    "Something is wrong with my delivery.",
 ]
 EXPERT_OUTDATED_RATE = 0.7
 
@@ -32,9 +31,9 @@ def make_task(rng: random.Random, index: int, split: str) -> dict:
     status = rng.choice(sorted(SOP))
     return {
         "id": f"{split}-{index:04d}",
-        "question": rng.choice(QUESTIONS).format(id=order_id),
+        "question": rng.choice(QUESTIONS),
         "order": {"order_id": order_id, "status": status},
-        "answer": {"order_id": order_id, "action": SOP[status]},
+        "answer": {"action": SOP[status]},
     }
 
 
@@ -43,13 +42,12 @@ def expert_demo(task: dict, rng: random.Random) -> dict:
     action = SOP[order["status"]]
     if order["status"] == "lost" and rng.random() < EXPERT_OUTDATED_RATE:
         action = "refund"
-    call_args = json.dumps({"order_id": order["order_id"]})
-    final = json.dumps({"order_id": order["order_id"], "action": action})
+    final = json.dumps({"action": action})
     return {"tools": TOOLS, "messages": [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": task["question"]},
         {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": "lookup_order", "arguments": call_args}}]},
+            {"id": "call_0", "type": "function", "function": {"name": "lookup_order", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_0",
          "content": order_record(order)},
         {"role": "assistant", "content": f"<final_output>{final}</final_output>"},

@@ -23,8 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EXAMPLES = """examples:
   turnwise demo                                   the default demo (support desk, tiny model, CPU)
-  turnwise train                                  the demo's training job alone
-  turnwise train my_job.yaml --set group_size=4   your job, with an override
+  turnwise train my_job.yaml --set group_size=4   train your job, with an override
+  turnwise train --resume runs/<run>              continue an interrupted run exactly
+  turnwise show runs/<run> --step 3               read a step's conversations
+  turnwise eval my_job.yaml --compare base runs/<run>/checkpoints/final
+  turnwise verify my_job.yaml                     prove an environment reproducible and isolated
+  turnwise serve --port 8000                      the runtime server alone, for remote agents
+  turnwise worker --agent my_agent:agent --server http://127.0.0.1:8000
   turnwise <command> --help                       options of one command
 """
 

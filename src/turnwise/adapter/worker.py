@@ -44,11 +44,11 @@ class WorkerError(RuntimeError):
     """The runtime refused the worker (bad API key, wrong URL); retrying would not help."""
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import `module:function`; the current directory is importable."""
-    module_name, sep, attr = spec.partition(":")
+def load_function(spec: str | None, what: str = "--agent") -> Callable[..., Any]:
+    """Import `module:function`; the current directory is importable (like `uvicorn --app-dir .`)."""
+    module_name, sep, attr = (spec or "").partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--agent must look like 'package.module:function', got {spec!r}")
+        raise ValueError(f"{what} must look like 'package.module:function', got {spec!r}")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:

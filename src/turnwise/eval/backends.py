@@ -27,7 +27,7 @@ import openai
 from turnwise.adapter.context import RolloutContext
 from turnwise.config import JobConfig
 from turnwise.eval.records import TurnView, turns_from_trajectory
-from turnwise.train.dispatch import AgentFn, split_agent_return
+from turnwise.train.dispatch import AgentFn, call_agent, split_agent_return
 from turnwise.types import TrajectoryStatus, as_messages
 
 T = TypeVar("T")
@@ -161,17 +161,14 @@ class EndpointBackend:
         client = ctx.async_openai(http_client=openai.DefaultAsyncHttpxClient(
             event_hooks={"response": [recorder.on_response]}))
         start = time.perf_counter()
-        error, reward, metrics = None, None, {}
-        try:
-            value = await asyncio.wait_for(self.agent(dict(task.row), client, ctx), self.timeout)
-            rewards, metrics = split_agent_return(value)
-            reward = sum(rewards)
-        except asyncio.TimeoutError:
-            error = f"rollout timed out after {self.timeout:g}s"
-        except Exception as e:  # the agent is user code: any failure is that rollout's outcome
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            await client.close()
+        reward, metrics = None, {}
+        value, error = await call_agent(self.agent, task, client, ctx, self.timeout)
+        if error is None:
+            try:
+                rewards, metrics = split_agent_return(value)
+                reward = sum(rewards)
+            except ValueError as e:
+                error = str(e)
         if error is None and not recorder.turns:
             error = "the agent made no model call"
         return Trial(trajectory_id=ctx.trajectory_id, turns=recorder.turns, error=error,

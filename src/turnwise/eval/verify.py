@@ -51,7 +51,7 @@ from turnwise.runtime.app import create_app
 from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
-from turnwise.train.dispatch import AgentFn, split_agent_return
+from turnwise.train.dispatch import AgentFn, call_agent, split_agent_return
 from turnwise.types import SamplingParams, Task, Trajectory, json_dumps_canonical
 
 
@@ -387,19 +387,14 @@ async def _rollout(agent: AgentFn, task: Task, trajectory_id: str, base_url: str
     client = ctx.async_openai(max_retries=0)
     state: Any = _NO_STATE
     reward: float | None = None
-    error: str | None = None
-    try:
-        value = await asyncio.wait_for(agent(dict(task.row), client, ctx), timeout)
-        rewards, _ = split_agent_return(value)
-        reward = sum(rewards)
+    value, error = await call_agent(agent, task, client, ctx, timeout)
+    if error is None:
+        try:
+            reward = sum(split_agent_return(value)[0])
+        except ValueError as e:
+            error = str(e)
         if isinstance(value, Mapping) and "state" in value:
             state = value["state"]
-    except asyncio.TimeoutError:
-        error = f"rollout timed out after {timeout:g}s"
-    except Exception as e:  # the agent is user code: any failure is that rollout's outcome
-        error = f"agent raised {type(e).__name__}: {e}"
-    finally:
-        await client.close()
     return _Run(task=task, trajectory=store.get(trajectory_id), reward=reward, state=state, error=error)
 
 

@@ -15,18 +15,16 @@ trajectory back. An agent that raises or times out yields a FAILED trajectory wi
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from turnwise.adapter.context import RolloutContext
 from turnwise.adapter.feedback import FeedbackClient
+from turnwise.adapter.worker import load_function
 from turnwise.config import AgentConfig, ConfigError
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import Group, RolloutResult, Task, TrajectoryStatus
@@ -70,22 +68,27 @@ class AgentLoadError(ValueError):
 
 
 def load_agent(spec: str | None) -> AgentFn:
-    """Import `module:function`; the current directory is importable (like `uvicorn --app-dir .`)."""
-    if not spec or ":" not in spec:
-        raise AgentLoadError(f"agent.function must look like 'package.module:function', got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    """Import `module:function` (the current directory is importable) and check it is async."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise AgentLoadError(f"cannot import agent module {module_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise AgentLoadError(f"module {module_name!r} has no attribute {attr!r}")
+        fn = load_function(spec, "agent.function")
+    except ValueError as e:
+        raise AgentLoadError(str(e)) from None
     if not inspect.iscoroutinefunction(fn):
         raise AgentLoadError(f"{spec} must be an async function: async def agent(task, client, ctx)")
     return fn
+
+
+async def call_agent(agent: AgentFn, task: Task, client: Any, ctx: RolloutContext,
+                     timeout: float) -> tuple[Any, str | None]:
+    """Run user agent code once: (its return value, None) or (None, why it failed). Closes `client`."""
+    try:
+        return await asyncio.wait_for(agent(dict(task.row), client, ctx), timeout), None
+    except asyncio.TimeoutError:
+        return None, f"rollout timed out after {timeout:g}s"
+    except Exception as e:  # the agent is user code: any failure is that rollout's outcome
+        return None, f"{type(e).__name__}: {e}"
+    finally:
+        await client.close()
 
 
 def split_agent_return(value: Any) -> tuple[tuple[float, ...], dict[str, float]]:
@@ -142,17 +145,13 @@ class Dispatcher:
             self.store.begin(ctx.trajectory_id)
             client = ctx.async_openai()
             start = time.perf_counter()
-            error: str | None = None
             metrics: dict[str, float] = {}
-            try:
-                value = await asyncio.wait_for(self.agent(dict(task.row), client, ctx), self.timeout)
-                rewards, metrics = split_agent_return(value)
-            except asyncio.TimeoutError:
-                error = f"rollout timed out after {self.timeout:g}s"
-            except Exception as e:  # the agent is user code: any failure is that rollout's outcome
-                error = f"{type(e).__name__}: {e}"
-            finally:
-                await client.close()
+            value, error = await call_agent(self.agent, task, client, ctx, self.timeout)
+            if error is None:
+                try:
+                    rewards, metrics = split_agent_return(value)
+                except ValueError as e:
+                    error = str(e)
             seconds = time.perf_counter() - start
             if error is None and not self.store.get(ctx.trajectory_id, last_turn_only=True).turns:
                 error = "the agent made no model call"
