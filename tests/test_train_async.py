@@ -28,7 +28,7 @@ async def straggling_agent(task, client, ctx):
     r = await client.chat.completions.create(model=ctx.model, messages=messages, **ctx.inference_params)
     slow = task["id"] == "t1" and not straggling_agent.done.get(task["id"])
     straggling_agent.done[task["id"]] = True
-    await asyncio.sleep(4.0 if slow else 0.05)
+    await asyncio.sleep(8.0 if slow else 0.05)  # far longer than a tiny step, even on a loaded machine
     text = r.choices[0].message.content or ""
     return {"reward": min(1.0, len(text) / 30),
             "metrics": {"rollout/tool_calls": 2, "rollout/tool_errors": 1, "rollout/stop/final": 1}}

@@ -52,7 +52,7 @@ def test_load_agent_errors():
         load_agent("no_colon")
     with pytest.raises(AgentLoadError, match="cannot import"):
         load_agent("not_a_module_xyz:agent")
-    with pytest.raises(AgentLoadError, match="has no attribute"):
+    with pytest.raises(AgentLoadError, match="has no function"):
         load_agent("json:nope")
     with pytest.raises(AgentLoadError, match="must be an async function"):
         load_agent("json:dumps")

@@ -3,7 +3,7 @@
     python -m examples.support_desk.generate      # rewrites data/*.jsonl
 
 The expert is imperfect in one documented way, so RL has something to fix: for lost parcels
-it follows the outdated SOP (refund instead of replace) in 70% of its demonstrations.
+it follows the outdated SOP (refund instead of replace) in 60% of its demonstrations.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ QUESTIONS = [
     "I need help with my order.",
     "Something is wrong with my delivery.",
 ]
-EXPERT_OUTDATED_RATE = 0.7
+EXPERT_OUTDATED_RATE = 0.6
 
 
 def make_task(rng: random.Random, index: int, split: str) -> dict:

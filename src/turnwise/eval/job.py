@@ -146,14 +146,16 @@ def evaluate(cfg: JobConfig, model: str | ModelSpec, out_dir: str | Path, *, age
 
 
 def compare(cfg: JobConfig, a: str | ModelSpec, b: str | ModelSpec, out_dir: str | Path, *,
-            agent: AgentFn | None = None, resume: bool = False, endpoint_model: str | None = None) -> ComparisonResult:
-    """Evaluate A and B (into `out_dir/a`, `out_dir/b`) and compare them; the gate applies to B."""
+            agent: AgentFn | None = None, resume: bool = False, endpoint_model: str | None = None,
+            labels: tuple[str, str] | None = None) -> ComparisonResult:
+    """Evaluate A and B (into `out_dir/a`, `out_dir/b`) and compare them; the gate applies to B.
+    `labels` names the two columns (default: by kind, e.g. base / fine-tuned)."""
     out_dir = Path(out_dir)
     spec_a = a if isinstance(a, ModelSpec) else ModelSpec.parse(a)
     spec_b = b if isinstance(b, ModelSpec) else ModelSpec.parse(b)
     ks = k_values(cfg.pass_k_values, cfg.eval.group_size)
     check_gate_names(cfg.eval.gate, ks, comparing=True)
-    label_a, label_b = LABELS[spec_a.kind], LABELS[spec_b.kind]
+    label_a, label_b = labels or (LABELS[spec_a.kind], LABELS[spec_b.kind])
     if label_a == label_b:
         label_a, label_b = f"A ({label_a})", f"B ({label_b})"
     agent = agent or _load_agent(cfg)

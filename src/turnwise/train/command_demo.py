@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     result, summary = run_train_checked(cfg)
     checkpoints = result.run_dir / "checkpoints"
     warm = checkpoints / "warm_start" if (checkpoints / "warm_start").is_dir() else "base"
-    comparison = compare(cfg, str(warm), str(checkpoints / "final"), result.run_dir / "eval")
+    comparison = compare(cfg, str(warm), str(checkpoints / "final"), result.run_dir / "eval",
+                         labels=("warm start", "RL"))
     print()
     print(render_table(comparison))
     print()
