@@ -304,3 +304,39 @@ def test_openapi_spec_describes_the_protocol(tmp_path):
     reward = spec["components"]["schemas"]["UpdateRewardRequest"]
     assert set(reward["required"]) == {"TrajectoryId", "Rewards"}
     assert "422" not in paths["/complete-rollout"]["post"]["responses"]  # validation errors are 400 here
+
+
+def test_five_turn_tool_conversation_stays_one_token_exact_segment(tmp_path):
+    """Four tool calls then an answer; the agent re-serializes every other tool call's JSON."""
+    def four_calls_then_answer(prompt_ids):
+        return CALL if CHAT.decode(prompt_ids).count("<|im_start|>tool") < 4 else DONE
+
+    def reserialize(d):
+        for c in d.get("tool_calls", []):
+            c["function"]["arguments"] = json.dumps(dict(reversed(json.loads(c["function"]["arguments"]).items())),
+                                                    indent=1)
+        return d
+
+    async def agent(ctx):
+        client = ctx.async_openai()
+        messages = [{"role": "user", "content": "Where is order 7?"}]
+        for turn in range(5):
+            reply = (await client.chat.completions.create(model=ctx.model, messages=messages, tools=TOOLS)).choices[0]
+            message = reply.message.model_dump(exclude_none=True)
+            messages.append(reserialize(message) if turn % 2 else message)
+            for call in reply.message.tool_calls or ():
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": f'{{"hop": {turn}}}'})
+        await client.close()
+
+    with serve(tmp_path, script=four_calls_then_answer) as (server, store, sampler):
+        asyncio.run(agent(RolloutContext("traj-5", server.base_url, "policy", {})))
+        t = store.get("traj-5")
+        assert len(t.turns) == 5 and t.turns[-1].message.content == "Order 7 shipped."
+        for prev, turn in zip(t.turns, t.turns[1:]):  # every turn reuses all the tokens before it
+            assert turn.reused_prompt_tokens == len(prev.prompt_ids) + len(prev.completion_ids)
+            assert turn.prompt_ids[:turn.reused_prompt_tokens] == prev.prompt_ids + prev.completion_ids
+        [segment] = build_segments(t)
+        assert segment.tokens_T == sampler.prompts[-1] + tuple(DONE)
+        assert sum(segment.loss_mask_T) == 4 * len(CALL) + len(DONE)
+        sampled = [tok for tok, m in zip(segment.tokens_T, segment.loss_mask_T, strict=True) if m]
+        assert sampled == 4 * list(CALL) + list(DONE)
