@@ -332,7 +332,7 @@ def test_five_turn_tool_conversation_stays_one_token_exact_segment(tmp_path):
         asyncio.run(agent(RolloutContext("traj-5", server.base_url, "policy", {})))
         t = store.get("traj-5")
         assert len(t.turns) == 5 and t.turns[-1].message.content == "Order 7 shipped."
-        for prev, turn in zip(t.turns, t.turns[1:]):  # every turn reuses all the tokens before it
+        for prev, turn in zip(t.turns[:-1], t.turns[1:], strict=True):  # each turn reuses all before it
             assert turn.reused_prompt_tokens == len(prev.prompt_ids) + len(prev.completion_ids)
             assert turn.prompt_ids[:turn.reused_prompt_tokens] == prev.prompt_ids + prev.completion_ids
         [segment] = build_segments(t)
