@@ -40,7 +40,7 @@ straggling_agent.done = {}
 def test_async_staleness_bound_metrics_traces_and_show(tmp_path: Path, capsys):
     rows = (tmp_path / "train.jsonl")
     cfg = small_config(tmp_path, **{"async_config.max_steps_off_policy": 1, "max_steps": 5, "val_every": 0,
-                                    "tracking.mlflow": True, "output_dir": tmp_path / "runs",
+                                    "tracking.mlflow": True, "tracking.traces": True, "output_dir": tmp_path / "runs",
                                     "val_group_size": 2, "save_every": 5, "max_epochs": 3})
     val = tmp_path / "val.jsonl"
     val.write_text("\n".join(rows.read_text().splitlines()[:2]) + "\n")
