@@ -19,16 +19,6 @@ from turnwise.types import FinishReason, SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny model with larger random weights, so greedy outputs differ by prompt and step."""
-    model, tokenizer = load_policy(ModelConfig(cache_dir=str(tmp_path_factory.getbasetemp() / "models")))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.copy_(0.2 * torch.randn(weight.shape, generator=gen))
-    return model, tokenizer
 
 
 @pytest.fixture()
