@@ -1,5 +1,5 @@
 """`turnwise eval` against an OpenAI-compatible endpoint: a scripted support-desk model served on
-loopback, the real support-desk agent and the real OpenAI SDK. The script makes the outcome
+loopback, a one-tool lookup agent (`lookup_agent.py`) and the real OpenAI SDK. The script makes the outcome
 exact: order 1000 is always answered right, 2000 right on every other answer, 3000 looked up
 with a wrong id and answered wrong, so successes are [4, 2, 0] of 4 trials."""
 
@@ -75,11 +75,11 @@ def endpoint():
 
 @pytest.fixture()
 def config(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(ROOT)  # the agent is examples.support_desk.agent
+    monkeypatch.chdir(ROOT)
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     path = tmp_path / "job.yaml"
     path.write_text(f"output_dir: {tmp_path / 'runs'}\ndata: {{test_path: test.jsonl}}\n"
-                    "agent: {function: 'examples.support_desk.agent:agent', rollout_timeout: 5}\n"
+                    "agent: {function: 'lookup_agent:agent', rollout_timeout: 5}\n"
                     "tracking: {mlflow: false}\neval: {group_size: 4, bootstrap_samples: 200}\n")
     return path
 

@@ -49,7 +49,11 @@ def test_render_is_compact_hermes(chat: ChatFormat) -> None:
     prev, new = _conversation()
     text = chat.render_text([*prev, *new], TOOLS, add_generation_prompt=True)
     assert chat.format == "hermes"
-    assert text.count('{"type":"function"') == 2
+    # one signature line per tool; a nested schema stays compact JSON
+    assert "\n# Tools\nget_order(order_id: string): Look up an order.\nrefund_order(): \nCall a tool as" in text
+    nested = {"name": "f", "description": "d", "parameters": {"properties": {
+        "n": {"type": ["integer", "null"]}, "kind": {"enum": ["a", "b"]}}}}
+    assert "\nf(n: {\"type\": [\"integer\", \"null\"]}, kind: a|b): d\n" in chat.render_text([Message("user", "hi")], [nested], False)
     assert '<tool_call>\n{"name": "get_order", "arguments": {"order_id": "ORD-123"}}\n</tool_call>' in text
     assert text.count("<|im_start|>user\n<tool_response>") == 1
     assert text.endswith('</tool_response><|im_end|>\n<|im_start|>assistant\n')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from os.path import commonprefix
 from pathlib import Path
 
 import pytest
@@ -192,8 +193,37 @@ def test_mixed_prefix_batch_and_lru_bound(policy) -> None:
         futures = [eng.submit(s, params, cache_key=f"t{i}") for i, s in enumerate(seconds)]
         futures.append(eng.submit(firsts[0] + [5, 6, 7], params))
         got = [f.result() for f in futures]
-    assert got[0].prompt_tokens == len(seconds[0])  # evicted: cache holds the 2 most recent keys
+    # t0 was evicted (the cache holds the 2 most recent keys); it shares the prefill of its first
+    # prompt with the last request, which has no key
+    shared = len(commonprefix([seconds[0], firsts[0] + [5, 6, 7]]))
+    assert got[0].prompt_tokens == len(seconds[0]) - shared and got[3].prompt_tokens == 3 + len(firsts[0]) - shared
     assert [g.prompt_tokens for g in got[1:3]] == [len(t) + 1 for t in tails[1:]]
     for prompt, completion in zip([*seconds, firsts[0] + [5, 6, 7]], got, strict=True):
         assert torch.allclose(_ref_logprobs(model, prompt, completion, 0.9), torch.tensor(completion.logprobs),
                               atol=1e-4)
+
+
+def test_prompts_that_begin_alike_share_one_prefill(policy) -> None:
+    """Rollouts of one step share the system prompt: it is prefilled once, results unchanged."""
+    model, tokenizer = policy
+    system = tokenizer.encode("<|im_start|>system\nYou are a support agent. Follow the SOP for every "
+                              "request and look up the order first.<|im_end|>\n")
+    prompts = [system + tokenizer.encode(f"<|im_start|>user\nWhere is order {1000 + 7 * i}?<|im_end|>\n")
+               for i in range(4)]
+    shared = len(system) + len(tokenizer.encode("<|im_start|>user\nWhere is order "))
+    params = SamplingParams(temperature=0.9, max_tokens=12, seed=5)
+    with SamplerEngine(model, tokenizer, prefix_cache_size=0) as plain:
+        want = [plain.submit(p, params).result() for p in prompts]
+    eng = SamplerEngine(model, tokenizer)
+    futures = [eng.submit(p, params) for p in prompts]  # queued before start: admitted together
+    with eng.start():
+        got = [f.result() for f in futures]
+        later = eng.submit(prompts[1], params).result()  # a lone request reuses the shared entry
+        eng.update_weights({})
+        after_update = eng.submit(prompts[1], params).result()
+    assert all(g.prompt_tokens <= len(p) - shared for g, p in zip(got, prompts, strict=True))
+    assert later.prompt_tokens <= len(prompts[1]) - shared
+    assert after_update.prompt_tokens == len(prompts[1])  # new weights: nothing shared survives
+    for g, w, prompt in zip([*got, later], [*want, want[1]], [*prompts, prompts[1]], strict=True):
+        assert g.token_ids == w.token_ids
+        assert torch.allclose(_ref_logprobs(model, prompt, g, 0.9), torch.tensor(g.logprobs), atol=1e-4)

@@ -41,7 +41,23 @@ Each tool is a function with a name, a description and parameters: a JSON object
 properties are typed (string, number, integer, boolean, array, object) and some are required.
 SOP: a delivered order is closed, an order in transit means the customer should wait, a damaged
 parcel is refunded, a lost parcel is replaced. Escalate fraud to a human. The action is final.
+Support agent for the signed-in customer. Follow the SOP. The latest order is fraud-flagged.
+Gold tier customers have no refund limit; standard tier refunds above the amount limit escalate.
+Search the policy knowledge base. Run a read-only SQL report: SELECT COUNT(*) FROM orders.
+Replace the latest order. Refund the latest order. Escalate the latest order to a human.
 """
+
+# Tool signature lines as the chat template renders tools: `name(arg: type, choice: a|b): description`.
+_SIGNATURES = {
+    "search_policy": ("Policy knowledge base.", {"topic": ["returns", "shipping", "warranty", "refunds"]}),
+    "lookup_order": ("The latest order.", {}),
+    "issue_refund": ("Refund the latest order.", {}),
+    "create_replacement": ("Replace the latest order.", {}),
+    "escalate": ("Escalate the latest order to a human.", {"reason": ["fraud", "amount_limit"]}),
+    "run_report": ("Read-only SQL over tables orders and refunds.", {"sql": "string"}),
+    "get_weather": ("Current weather.", {"city": "string"}),
+    "cancel_order": ("Cancel an order.", {"order_id": "string"}),
+}
 
 _NAMES = ["Alice", "Bob", "Carmen", "Dmitri", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal",
           "Kira", "Liam", "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
@@ -68,6 +84,11 @@ def _tool_schema(name: str, params: dict[str, str]) -> dict[str, object]:
         "name": name, "description": f"{name.replace('_', ' ').capitalize()}.",
         "parameters": {"type": "object", "properties": {k: {"type": v} for k, v in params.items()},
                        "required": list(params)}}}
+
+
+def _signature(name: str, description: str, params: dict[str, object]) -> str:
+    args = ", ".join(f"{k}: {'|'.join(v) if isinstance(v, list) else v}" for k, v in params.items())
+    return f"{name}({args}): {description}"
 
 
 def _arguments(rng: random.Random, params: dict[str, str]) -> dict[str, object]:
@@ -105,6 +126,8 @@ def tiny_corpus(n_dialogues: int = 400) -> list[str]:
     texts.append(_PROSE)
     for name, params in _TOOLS.items():
         texts.append(json.dumps(_tool_schema(name, params), separators=(",", ":")))
+    for _ in range(8):
+        texts += [_signature(name, *spec) for name, spec in _SIGNATURES.items()]
     for _ in range(n_dialogues):
         name, params = rng.choice(list(_TOOLS.items()))
         args = _arguments(rng, params)
@@ -128,4 +151,10 @@ def tiny_corpus(n_dialogues: int = 400) -> list[str]:
                      f"{rng.choice(_PRODUCTS)}<|im_end|>\n<|im_start|>assistant\n"
                      f"<final_output>{json.dumps({'action': rng.choice(_STATUSES)})}</final_output><|im_end|>")
         texts.append(" ".join(str(rng.randint(0, 10**rng.randint(1, 9))) for _ in range(8)))
+        record = {"amount": rng.randint(5, 500), "fraud_flag": rng.random() < 0.3, "order_id": order["order_id"],
+                  "status": order["status"], "tier": rng.choice(["standard", "gold"])}
+        action = rng.choice(["close", "wait", "refund", "replace", "escalate", "answer", "report"])
+        texts.append(f"# Tools\nCall a tool as <tool_call>\n<tool_response>\n{json.dumps(record, separators=(',', ':'))}"
+                     f"\n</tool_response><final_output>{json.dumps({'action': action}, separators=(',', ':'))}"
+                     "</final_output>")
     return texts

@@ -5,7 +5,9 @@ One engine owns one model copy and one background thread. Each iteration of the 
 1. admits the requests pending at that moment (up to `max_batch_size` rows in all): their
    prompts are prefilled as one left-padded batch (or several, to bound the attention mask's
    memory), reusing the cached KV of a previous turn when `cache_key` names one whose tokens
-   are a prefix of the new prompt, and their first token is sampled;
+   are a prefix of the new prompt, and their first token is sampled. Prompts without a cached
+   turn that begin alike (every rollout's system prompt and tool list) share one prefill of
+   their longest common prefix, kept in a small shared cache for later requests;
 2. merges them into the running batch (`kvbatch.KVBatch` re-pads rows of different lengths);
 3. runs one decode step for every running row and samples the next token;
 4. retires finished rows: resolves their futures and stores their KV under their `cache_key`.
@@ -19,7 +21,7 @@ recomputes the same numbers for training.
 `update_weights` copies new weights between two iterations (never during a forward pass);
 rows in flight keep decoding with the new weights. `Completion.version` is the version that
 sampled the completion's first token, i.e. the oldest weights that touched it. The prefix
-cache is cleared on every update because its KV was computed by the old weights.
+caches are cleared on every update because their KV was computed by the old weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from os.path import commonprefix
 from types import TracebackType
 
 import torch
@@ -44,6 +47,10 @@ from turnwise.types import Completion, FinishReason, SamplingParams
 
 # Bound on batch * query * key elements of one prefill's attention mask (64 MiB in fp32).
 _PREFILL_MASK_BUDGET = 16 * 1024 * 1024
+_SHARED_MIN = 16
+"""Prompts are grouped for a shared prefill by their first `_SHARED_MIN` tokens, and a common
+prefix shorter than that is not worth a separate forward pass."""
+_SHARED_ENTRIES = 8
 
 
 class EngineClosedError(RuntimeError):
@@ -103,6 +110,7 @@ class SamplerEngine:
         self._rows: list[_Request] = []
         self._batch: KVBatch | None = None
         self._prefix: OrderedDict[str, _PrefixEntry] = OrderedDict()
+        self._shared: OrderedDict[tuple[int, ...], _PrefixEntry] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -184,6 +192,7 @@ class SamplerEngine:
             for name, tensor in state_dict.items():
                 self._tensors[name].copy_(tensor)
             self._prefix.clear()
+            self._shared.clear()
             self.version += 1
             return self.version
 
@@ -209,6 +218,8 @@ class SamplerEngine:
 
     def _admit(self, newcomers: list[_Request]) -> None:
         prefixes = [self._lookup(r) for r in newcomers]
+        if self.prefix_cache_size > 0:
+            self._share_prefixes(newcomers, prefixes)
         order = sorted(range(len(newcomers)), key=lambda i: len(newcomers[i].prompt_ids) - _plen(prefixes[i]))
         group: list[int] = []
         for i in order:
@@ -221,6 +232,40 @@ class SamplerEngine:
             group = trial
         if group:
             self._prefill([newcomers[j] for j in group], [prefixes[j] for j in group])
+
+    def _share_prefixes(self, newcomers: list[_Request], prefixes: list[list[KV] | None]) -> None:
+        """Give requests without a cached turn the KV of the prefix they share with others
+        (prefilled once here) or with a shared-cache entry; fills `prefixes` in place."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(newcomers):
+            if prefixes[i] is None and len(r.prompt_ids) > _SHARED_MIN:
+                groups.setdefault(tuple(r.prompt_ids[:_SHARED_MIN]), []).append(i)
+        for head, members in groups.items():
+            prompts = [newcomers[i].prompt_ids for i in members]
+            # leave at least one prompt token to prefill: its logits give the first sample
+            n_group = min(len(commonprefix(prompts)), *(len(p) - 1 for p in prompts))
+            entry = self._shared.get(head)
+            n_entry = min(len(commonprefix([list(entry.tokens), *prompts])), n_group) if entry else 0
+            if entry is not None and (n_entry >= n_group or len(members) == 1) and n_entry >= _SHARED_MIN:
+                self._shared.move_to_end(head)
+                kv = [(k[:, :, :n_entry], v[:, :, :n_entry]) for k, v in entry.kv]
+            elif len(members) > 1 and n_group >= _SHARED_MIN:
+                tokens = prompts[0][:n_group]
+                kv = self._prefill_shared(tokens)
+                self._shared[head] = _PrefixEntry(tuple(tokens), kv)
+                while len(self._shared) > _SHARED_ENTRIES:
+                    self._shared.popitem(last=False)
+            else:
+                continue
+            for i in members:
+                prefixes[i] = kv
+
+    def _prefill_shared(self, tokens: list[int]) -> list[KV]:
+        batch = KVBatch([], torch.zeros((1, 0), dtype=torch.bool, device=self._device))
+        cache = batch.cache()
+        mask = batch.step_mask(torch.ones((1, len(tokens)), dtype=torch.bool, device=self._device), self._dtype)
+        self._forward(torch.tensor([tokens]), torch.arange(len(tokens))[None], mask, cache)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _prefill(self, reqs: list[_Request], prefixes: list[list[KV] | None]) -> None:
         n_past = [_plen(p) for p in prefixes]
