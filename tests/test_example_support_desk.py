@@ -122,7 +122,9 @@ def _sop_policy(prompt_ids: Sequence[int]) -> list[int]:
             if responses else _call("search_policy", {"topic": topic})
     elif question in _QUESTION_TABLE:
         table = _QUESTION_TABLE[question]
-        reply = format_final_output({"action": "report", table: responses[0][0][0]}) if responses \
+        count = responses[0][0][0] if responses else None
+        field, yes = generate.REPORT_FIELDS[table], count == 1 if table == "orders" else bool(count)
+        reply = format_final_output({"action": "report", field: yes}) if responses \
             else _call("run_report", {"sql": f"SELECT COUNT(*) FROM {table}"})
     elif not responses:
         reply = _call("lookup_order")

@@ -48,10 +48,11 @@ POLICY_QUESTIONS = {
     "warranty": ["How long is the warranty?", "Is my product still under warranty?"],
     "refunds": ["How long does a refund take?", "When will I see my refund?"],
 }
-REPORT_QUESTIONS = {
-    "orders": ["How many orders have I placed?", "How many orders do I have with you?"],
-    "refunds": ["How many refunds have I received?", "How many times was I refunded?"],
+REPORT_QUESTIONS = {  # table counted -> (answer field, true when the count is ...)
+    "orders": ["Is this my first order with you?", "Have I ordered from you before?"],
+    "refunds": ["Have I ever been refunded?", "Did I get a refund before?"],
 }
+REPORT_FIELDS = {"orders": "first_order", "refunds": "refunded_before"}
 
 
 def recording_toolbox() -> ToolBox:
@@ -115,9 +116,10 @@ def solution(task: Mapping[str, Any], expert_rng: random.Random | None = None) -
         return [{"name": "search_policy", "arguments": {"topic": task["topic"]}}], \
             {"action": "answer", "days": KB[task["topic"]][1]}
     if task["kind"] == "report":
-        count = len(task["orders"]) if task["table"] == "orders" else len(task["past_refunds"])
-        return [{"name": "run_report", "arguments": {"sql": f"SELECT COUNT(*) FROM {task['table']}"}}], \
-            {"action": "report", task["table"]: count}
+        table = task["table"]
+        yes = len(task["orders"]) == 1 if table == "orders" else len(task["past_refunds"]) > 0
+        return [{"name": "run_report", "arguments": {"sql": f"SELECT COUNT(*) FROM {table}"}}], \
+            {"action": "report", REPORT_FIELDS[table]: yes}
     order = task["orders"][-1]
     quirks = {}
     if expert_rng is not None:

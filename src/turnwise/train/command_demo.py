@@ -36,9 +36,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"  RL steps: {result.steps}   run: {result.run_dir}")
     print(f"  reward curve: {summary['reward_curve']}")
     print(f"  MLflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    # the demo grades with the agent's strict reward (final JSON and final database state); with
+    # another grader, exact match is the grader's `<final_output>` comparison
+    key = "eval/reward/mean" if cfg.eval.grader == "reward" else "eval/exact_match"
     demo = {
-        "sft_test_exact_match": comparison.a.metrics["eval/exact_match"],
-        "rl_test_exact_match": comparison.b.metrics["eval/exact_match"],
+        "sft_test_exact_match": comparison.a.metrics[key],
+        "rl_test_exact_match": comparison.b.metrics[key],
+        "sft_test_final_json_match": comparison.a.metrics["eval/exact_match"],
+        "rl_test_final_json_match": comparison.b.metrics["eval/exact_match"],
         "val_reward_after_warm_start": result.val_reward_before_rl,
         "val_reward_after_rl": result.val_reward_after_rl,
         "rl_steps": result.steps,
