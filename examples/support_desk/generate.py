@@ -24,8 +24,8 @@ from typing import Any
 from turnwise.env import Cassette, ToolBox, oracle_rollout
 
 DATA = Path(__file__).parent / "data"
-EXPERT_OUTDATED_RATE = 0.75
-EXPERT_MISSES_FLAG_RATE = 0.75
+EXPERT_OUTDATED_RATE = 0.6
+EXPERT_MISSES_FLAG_RATE = 0.6
 KIND_WEIGHTS = {"order": 0.8, "policy": 0.1, "report": 0.1}
 STATUS_WEIGHTS = {"delivered": 0.15, "shipped": 0.15, "damaged": 0.35, "lost": 0.35}
 KB = {  # the live knowledge base the cassette was recorded from
@@ -142,7 +142,7 @@ async def play(toolbox: ToolBox, task: Mapping[str, Any], actions: list[dict[str
         return [m.to_openai() for m in result.messages], db_state(ep)
 
 
-def main(seed: int = 0, n_train: int = 512, n_val: int = 64, n_test: int = 64, n_demos: int = 512) -> None:
+def main(seed: int = 0, n_train: int = 512, n_val: int = 64, n_test: int = 64, n_demos: int = 2048) -> None:
     rng = random.Random(seed)
     DATA.mkdir(exist_ok=True)
     toolbox = recording_toolbox()
