@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-
 from examples.support_desk import generate
 from examples.support_desk.environment import TOOLBOX, db_state, dense_reward, open_episode, reward
 from examples.support_desk.oracle import oracle
+
 from turnwise import cli
 from turnwise.env import format_final_output
 from turnwise.eval import command_verify
