@@ -10,12 +10,13 @@ import pytest
 
 from turnwise.adapter import RolloutContext
 from turnwise.adapter.worker import Worker, WorkerError, as_rollout_handler
-from turnwise.config import AgentConfig
+from turnwise.config import AgentConfig, ConfigError
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
 from turnwise.runtime.testing import stub_app
 from turnwise.train.dispatch import make_dispatcher
+from turnwise.train.metrics import apply_failure_policy
 from turnwise.train.pull import WorkerDispatcher
 from turnwise.types import Task, TrajectoryStatus
 
@@ -128,3 +129,19 @@ def test_make_dispatcher_worker_kind(tmp_path):
     d = make_dispatcher(AgentConfig(kind="worker", rollout_max_retries=0, rollout_timeout=7.0), None,
                         base_url="http://127.0.0.1:1", model="m", store=store)
     assert isinstance(d, WorkerDispatcher) and d.max_retries == 0 and d.timeout == 7.0
+    assert d.queue_timeout == 600.0
+    with pytest.raises(ConfigError, match="queue_timeout"):
+        make_dispatcher(AgentConfig(kind="worker", rollout_timeout=700.0), None,
+                        base_url="http://127.0.0.1:1", model="m", store=store)
+
+
+def test_without_workers_queued_rollouts_fail_after_the_queue_timeout(tmp_path):
+    store = TrajectoryStore(tmp_path / "t.db", "job-1")
+    d = WorkerDispatcher(model="stub", store=store, timeout=0.1, poll_interval=0.02, queue_timeout=0.3)
+    groups = asyncio.run(asyncio.wait_for(d.run_groups(TASKS, 2, PARAMS), 10))  # never hangs
+    trajectories = [r.trajectory for g in groups for r in g.rollouts_G]
+    assert len(trajectories) == 4 and all(t.status == TrajectoryStatus.FAILED for t in trajectories)
+    assert all("queue timed out after 0.3s" in t.error for t in trajectories)
+    assert TaskQueue(store).counts() == {"queued": 0, "leased": 0, "done": 0, "failed": 4}
+    _, metrics = apply_failure_policy(groups, "keep")
+    assert metrics["rollout/timeouts"] == 4 and metrics["groups/dropped_empty"] == 2

@@ -83,6 +83,9 @@ class AgentConfig(_Section):
     """Most rollouts running at once (kinds python, http; workers set their own)."""
     rollout_timeout: float = Field(300.0, gt=0)
     """Seconds before a rollout counts as failed."""
+    queue_timeout: float = Field(600.0, gt=0)
+    """Kind worker: seconds with rollouts queued and no worker leasing any before the queued ones
+    fail, so a step never waits forever on workers that are not there. Above rollout_timeout."""
     rollout_max_retries: int = Field(2, ge=0)
     """Fresh attempts, each with a new trajectory id, after a rollout that never ran its course:
     http: connection error, HTTP 429/5xx or timeout; worker: the worker died (its lease expired)."""

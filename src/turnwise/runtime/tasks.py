@@ -5,6 +5,7 @@ agent runs, and report done or failed. Lifecycle (`TASK_TRANSITIONS`):
 
     queued -> leased -> done | failed
     leased -> queued     the lease expired (worker died): retried, up to max_attempts, then failed
+    queued -> failed     no worker leased it in time (`fail_queued`, the trainer's queue timeout)
 
 Every lease is a new attempt with a new trajectory id (`<task>.a<attempt>`, created at lease
 time), written into the payload's metadata, so a dead worker's half-recorded turns never mix
@@ -39,7 +40,7 @@ class TaskStatus(str, enum.Enum):
 
 
 TASK_TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.QUEUED: frozenset({TaskStatus.LEASED}),
+    TaskStatus.QUEUED: frozenset({TaskStatus.LEASED, TaskStatus.FAILED}),
     TaskStatus.LEASED: frozenset({TaskStatus.QUEUED, TaskStatus.DONE, TaskStatus.FAILED}),
     TaskStatus.DONE: frozenset(),
     TaskStatus.FAILED: frozenset(),
@@ -165,6 +166,17 @@ class TaskQueue:
         else:
             self._fail_trajectory(row["trajectory_id"], "worker reported done without complete-rollout")
         return self.get(task_id)
+
+    def fail_queued(self, task_ids: Sequence[str], error: str) -> list[str]:
+        """Fail those of `task_ids` still queued (no worker leased them); their ids."""
+        failed = []
+        with self.store.transaction() as conn:
+            for task_id in task_ids:
+                cur = conn.execute("UPDATE tasks SET status=?, error=? WHERE job_id=? AND id=? AND status=?",
+                                   (TaskStatus.FAILED.value, error, self.job_id, task_id, TaskStatus.QUEUED.value))
+                if cur.rowcount:
+                    failed.append(task_id)
+        return failed
 
     def get(self, task_id: str) -> TaskState:
         self._expire()

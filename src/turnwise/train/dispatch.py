@@ -55,7 +55,12 @@ def make_dispatcher(agent_cfg: AgentConfig, agent: AgentFn | None, *, base_url: 
                               max_retries=agent_cfg.rollout_max_retries, api_key=agent_cfg.api_key,
                               endpoint=agent_cfg.endpoint)
     if agent_cfg.kind == "worker":
+        if agent_cfg.queue_timeout <= agent_cfg.rollout_timeout:
+            raise ConfigError(f"agent.queue_timeout ({agent_cfg.queue_timeout:g}) must be above "
+                              f"agent.rollout_timeout ({agent_cfg.rollout_timeout:g}): busy workers lease "
+                              f"nothing new until their rollouts end")
         return WorkerDispatcher(model=model, store=store, timeout=agent_cfg.rollout_timeout,
+                                queue_timeout=agent_cfg.queue_timeout,
                                 max_retries=agent_cfg.rollout_max_retries, endpoint=agent_cfg.endpoint)
     if agent is None:
         agent = load_agent(agent_cfg.function)

@@ -5,7 +5,8 @@ trains. Its group is then incomplete: `incomplete_groups: keep` trains the other
 (advantages among them), `drop` leaves the whole group out. A group with no usable member is
 always dropped. Every decision is counted (`rollout/failed`, `rollout/timeouts`,
 `groups/incomplete`, `groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
-(`agent.rollout_timeout`) bound every rollout, so a step cannot hang on an agent.
+(`agent.rollout_timeout`) bound every rollout, and with pull workers `agent.queue_timeout` bounds
+the wait for a worker, so a step cannot hang on an agent or on workers that never come.
 
 Agent-reported numbers (`RolloutResult.metrics`, with or without a `rollout/` prefix) aggregate
 as `rollout/tool_calls/mean`, `rollout/tool_errors/frac` (errors / calls), `rollout/stop/<reason>`

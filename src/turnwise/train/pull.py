@@ -11,8 +11,10 @@ task is queued again as a new attempt with a new trajectory id, up to `max_retri
 attempts. The dispatcher waits until every task is done or failed and returns the trajectory
 of its last attempt: one per task, so nothing is counted twice.
 
-Queued tasks wait for workers without limit (a warning is logged while none come); a leased
-one is bounded by the worker's timeout and, should the worker hang or die, by its lease.
+A leased task is bounded by the worker's timeout and, should the worker hang or die, by its
+lease. Queued tasks wait for workers (a warning is logged while none come) until no worker has
+leased any for `queue_timeout` seconds; then they fail ("the queue timed out", counted in
+`rollout/timeouts`), so a step never waits forever on workers that are not there.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ class WorkerDispatcher:
     """Runs rollouts through pull workers (see the module docstring)."""
 
     def __init__(self, *, model: str, store: TrajectoryStore, timeout: float, max_retries: int = 2,
-                 endpoint: str | None = None, poll_interval: float = 0.05, warn_after: float = 60.0) -> None:
+                 endpoint: str | None = None, poll_interval: float = 0.05, warn_after: float = 60.0,
+                 queue_timeout: float = 600.0) -> None:
         self.model = model
         self.store = store
         self.timeout = timeout
+        self.queue_timeout = queue_timeout
+        """Seconds with rollouts queued and none leased before the queued ones fail."""
         self.max_retries = max_retries
         self.endpoint = endpoint
         """Runtime URL for the agents; None: the URL the worker leased from."""
@@ -72,9 +77,21 @@ class WorkerDispatcher:
         pending = set(ids)
         ended_at: dict[str, float] = {}  # task done, trajectory not yet rewarded: when first seen
         finished: dict[str, tuple[Trajectory, float]] = {}
-        last_progress = time.monotonic()
+        last_progress = last_lease = time.monotonic()
+        queued = len(ids)
         while pending:
             queue.get(next(iter(pending)))  # applies lease expiry (re-queues tasks of dead workers)
+            now_queued = queue.counts()["queued"]
+            if now_queued < queued or now_queued == 0:
+                last_lease = time.monotonic()
+            queued = now_queued
+            if time.monotonic() - last_lease > self.queue_timeout:
+                failed = queue.fail_queued(list(pending), f"no worker leased it: the queue timed out after "
+                                                          f"{self.queue_timeout:g}s without a lease")
+                if failed:
+                    log.warning("%d queued rollouts failed: no worker leased any for %gs", len(failed),
+                                self.queue_timeout)
+                last_lease = time.monotonic()
             for task_id, status, trajectory_id, error in self._ended(pending):
                 trajectory = self._trajectory_of(task_id, status, trajectory_id, error)
                 if trajectory.status not in TERMINAL:  # the queue is sealing it, or update-reward may follow
@@ -114,7 +131,7 @@ class WorkerDispatcher:
     def _trajectory_of(self, task_id: str, status: TaskStatus, trajectory_id: str | None,
                        error: str | None) -> Trajectory:
         trajectory = self.store.get(trajectory_id) if trajectory_id else None
-        if trajectory is None:  # cannot happen through the queue; keep the result well-formed anyway
+        if trajectory is None:  # never leased (the queue timed out): a failed trajectory records why
             trajectory_id = trajectory_id or f"{task_id}.none"
             self.store.begin(trajectory_id)
             self.store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error or f"task {status.value}")
