@@ -60,6 +60,18 @@ def test_strict_reward_needs_the_right_answer_and_the_right_database() -> None:
         assert dense_reward("no final output", ep, task) == pytest.approx(0.5)
 
 
+def test_lookup_order_shows_a_warning_only_for_fraud_flagged_orders() -> None:
+    for task in _tasks("val"):
+        if task["kind"] != "order":
+            continue
+        with open_episode(task) as ep:
+            shown = json.loads(asyncio.run(TOOLBOX.call("lookup_order", "{}", ep)).content)
+        latest = task["orders"][-1]
+        assert shown.pop("warning", None) == ("fraud" if latest["fraud_flag"] else None)
+        assert shown == {"status": latest["status"], "amount": latest["amount"],
+                         "tier": task["customer"]["tier"], "order_id": latest["order_id"]}
+
+
 def test_tools_reject_bad_calls_with_messages_and_leave_the_state_alone() -> None:
     task = next(t for t in _tasks("val") if t["answer"] == {"action": "close"})
     with open_episode(task) as ep:
@@ -129,7 +141,8 @@ def _sop_policy(prompt_ids: Sequence[int]) -> list[int]:
     elif not responses:
         reply = _call("lookup_order")
     else:
-        calls, action = generate.decide(responses[0], responses[0]["tier"])
+        order = {**responses[0], "fraud_flag": responses[0].get("warning") == "fraud"}
+        calls, action = generate.decide(order, order["tier"])
         pending = calls[len(responses) - 1:]
         reply = _call(pending[0]["name"], pending[0].get("arguments")) if pending else \
             format_final_output({"action": action})

@@ -82,9 +82,10 @@ def _open_claim(db: sqlite3.Connection) -> tuple[str, int]:
 
 @tool
 def lookup_order(state: Episode) -> dict[str, Any]:
-    """The latest order."""
+    """The latest order."""  # with "warning": "fraud" only when the order carries the fraud flag
     order_id, amount, status, fraud_flag, tier = _latest(state.db)
-    return {"status": status, "amount": amount, "tier": tier, "fraud_flag": fraud_flag, "order_id": order_id}
+    order = {"status": status, "amount": amount, "tier": tier, "order_id": order_id}
+    return order | {"warning": "fraud"} if fraud_flag else order
 
 
 @tool
