@@ -58,6 +58,12 @@ def test_strict_reward_needs_the_right_answer_and_the_right_database() -> None:
         assert reward(format_final_output(task["answer"]), ep, task) == 1.0
         assert reward(format_final_output({"action": "replace"}), ep, task) == 0.0
         assert dense_reward("no final output", ep, task) == pytest.approx(0.5)
+        # the reply must be the final output and nothing else
+        right = format_final_output(task["answer"])
+        assert reward(f"  {right}\n", ep, task) == 1.0
+        assert reward(right + '{"action":"refund"}</final_output>{"action":"', ep, task) == 0.0
+        assert reward("Done. " + right, ep, task) == 0.0
+        assert dense_reward(right + " thanks", ep, task) == pytest.approx(0.5)
 
 
 def test_lookup_order_shows_a_warning_only_for_fraud_flagged_orders() -> None:

@@ -13,7 +13,9 @@ The SOP (`sop.md`) decides the action from the order's status, amount, the custo
 the fraud flag. The task row carries the ground truth: the final JSON (`answer`) and the final
 database state (`expected_state`, as `db_state` returns it). The strict reward is 1 only when
 both match; `dense_reward` gives partial credit (field accuracy with a format coefficient,
-averaged with the state match).
+averaged with the state match). Both grade only a clean reply: the final message must be the
+`<final_output>` block and nothing else (text after it counts as a format failure, so RL
+cannot learn to ramble past the answer).
 """
 
 from __future__ import annotations
@@ -143,12 +145,20 @@ TOOLBOX = make_toolbox(Cassette(KB_CASSETTE_PATH))
 TOOLS = TOOLBOX.schemas()
 
 
+def clean_reply(final_text: str) -> str:
+    """The reply if it is exactly one `<final_output>` block (whitespace aside), else ""."""
+    text = final_text.strip()
+    one_block = text.startswith("<final_output>") and text.endswith("</final_output>") \
+        and text.count("</final_output>") == 1
+    return text if one_block else ""
+
+
 def reward(final_text: str, ep: Episode, task: Mapping[str, Any]) -> float:
     """Strict: the final JSON equals the answer and the database equals the expected state."""
-    return exact_match(final_text, task["answer"]).value * float(db_state(ep) == task["expected_state"])
+    return exact_match(clean_reply(final_text), task["answer"]).value * float(db_state(ep) == task["expected_state"])
 
 
 def dense_reward(final_text: str, ep: Episode, task: Mapping[str, Any], format_coef: float = 0.1) -> float:
     """Dense: half field accuracy of the final JSON (with a format coefficient), half state match."""
-    fields = field_accuracy(final_text, task["answer"], format_coef=format_coef).value
+    fields = field_accuracy(clean_reply(final_text), task["answer"], format_coef=format_coef).value
     return 0.5 * fields + 0.5 * float(db_state(ep) == task["expected_state"])
