@@ -110,3 +110,35 @@ def test_lora_with_kl_to_base_tis_and_schedule(tmp_path: Path):
     rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "loss/kl_ref" in r)
     assert step["loss/kl_ref"] >= 0 and "loss/tis_weight_mean" in step and step["training/learning_rate"] > 0
+
+
+class SigtermAtWarmStartBatch(JsonlLogger):
+    """Sends SIGTERM once the warm start has logged batch `at`."""
+
+    def __init__(self, path: Path, at: int) -> None:
+        super().__init__(path)
+        self.at = at
+
+    def log_metrics(self, metrics, step):
+        super().log_metrics(metrics, step)
+        if step == self.at and any(k.startswith("warm_start/") for k in metrics):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_warm_start_stops_after_the_batch_in_progress(tmp_path: Path):
+    demos = (DEMO.parent / "data" / "demos.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "demos.jsonl").write_text("\n".join(demos))
+    cfg = small_config(tmp_path, **{"warm_start.demos_path": tmp_path / "demos.jsonl", "warm_start.epochs": 500,
+                                    "warm_start.batch_size": 4})  # 1,000 batches unless stopped
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = SigtermAtWarmStartBatch(run_dir / "metrics.jsonl", at=3)
+    try:
+        result = train(cfg, seeded_agent(), run_dir, logger)
+    finally:
+        logger.close()
+    assert result.interrupted and result.steps == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "warm_start/nll" in r) == 3
+    assert latest_checkpoint(run_dir) is None and not (run_dir / "checkpoints" / "warm_start").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from turnwise.config import ConfigError, JobConfig, load_config
+
+if TYPE_CHECKING:
+    from turnwise.train.loop import TrainResult
 
 DEMO_CONFIG = Path("examples") / "support_desk" / "config.yaml"
 
@@ -51,13 +55,23 @@ def run(args: argparse.Namespace) -> int:
     result, summary = run_train_checked(cfg, resume_dir)
     print(f"run: {result.run_dir}")
     if result.interrupted:
-        print(f"interrupted after step {result.steps} (checkpoint saved); "
-              f"continue with: turnwise train --resume {result.run_dir}")
-        return 128 + signal.SIGINT
+        return report_interrupted(result)
     print(f"val reward: after warm start {fmt(result.val_reward_before_rl)}, "
           f"after RL {fmt(result.val_reward_after_rl)}")
     print(f"mlflow: {summary['mlflow_tracking_uri']} (run {summary['mlflow_run_id']})")
     return 0
+
+
+def report_interrupted(result: TrainResult) -> int:
+    """Say where an interrupted run stands and how to go on; the exit code (130)."""
+    from turnwise.train.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(result.run_dir) is None:
+        print("interrupted during the warm start, before any checkpoint: nothing to resume; run it again")
+    else:
+        print(f"interrupted after step {result.steps} (checkpoint saved); "
+              f"continue with: turnwise train --resume {result.run_dir}")
+    return 128 + signal.SIGINT
 
 
 def fmt(x: float | None) -> str:

@@ -10,7 +10,7 @@ import argparse
 import json
 import time
 
-from turnwise.train.command import add_config_arguments, fmt, load_job_config
+from turnwise.train.command import add_config_arguments, fmt, load_job_config, report_interrupted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_job_config(args)
     result, summary = run_train_checked(cfg)
+    if result.interrupted:  # no RL checkpoint to evaluate yet
+        return report_interrupted(result)
     checkpoints = result.run_dir / "checkpoints"
     warm = checkpoints / "warm_start" if (checkpoints / "warm_start").is_dir() else "base"
     comparison = compare(cfg, str(warm), str(checkpoints / "final"), result.run_dir / "eval",

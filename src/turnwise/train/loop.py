@@ -107,7 +107,10 @@ def train(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) 
         progress = Progress(total_steps, enabled=cfg.tracking.progress)
         # 0. warm start (fresh runs only), then LoRA adapters
         if resume is None and cfg.warm_start.demos_path and cfg.warm_start.epochs > 0:
-            warm_start(cfg, rt, logger, progress)
+            if not warm_start(cfg, rt, logger, progress, stop):  # a signal: nothing to resume yet
+                progress.close()
+                return TrainResult(run_dir=run_dir, steps=0, val_reward_before_rl=None, val_reward_after_rl=None,
+                                   wall_seconds=time.perf_counter() - started, interrupted=True)
             save_checkpoint(rt.model, rt.tokenizer, warm_dir)
         if cfg.lora_rank > 0:
             rt.apply_lora(warm_dir if warm_dir.is_dir() else None)
@@ -216,8 +219,10 @@ def save_state(run: Run, step: int) -> Path:
     return path
 
 
-def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Progress) -> None:
-    """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens)."""
+def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Progress,
+               stop: StopSignals | None = None) -> bool:
+    """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens).
+    False when a stop signal ended it early (after the batch in progress)."""
     demos = load_demos(cfg.warm_start.demos_path)  # type: ignore[arg-type]
     datums = [demo_to_datum(rt.chat, msgs, tools, f"demo-{i}") for i, (msgs, tools) in enumerate(demos)]
     rng = random.Random(cfg.seed)
@@ -234,6 +239,9 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
             k += 1
             logger.log_metrics({f"warm_start/{k_.split('/')[-1]}": v for k_, v in metrics.items()}, k)
             progress.update_warm_start(k, metrics.get("loss/value", 0.0))
+            if stop is not None and stop.received:
+                return False
+    return True
 
 
 def validate(run: Run, step: int) -> float | None:
