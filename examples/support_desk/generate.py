@@ -24,8 +24,8 @@ from typing import Any
 from turnwise.env import Cassette, ToolBox, oracle_rollout
 
 DATA = Path(__file__).parent / "data"
-EXPERT_OUTDATED_RATE = 0.6
-EXPERT_MISSES_FLAG_RATE = 0.6
+EXPERT_OUTDATED_RATE = 0.7
+EXPERT_MISSES_FLAG_RATE = 0.7
 KIND_WEIGHTS = {"order": 0.8, "policy": 0.1, "report": 0.1}
 STATUS_WEIGHTS = {"delivered": 0.15, "shipped": 0.15, "damaged": 0.35, "lost": 0.35}
 KB = {  # the live knowledge base the cassette was recorded from
