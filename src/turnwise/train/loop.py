@@ -220,7 +220,7 @@ def save_state(run: Run, step: int) -> Path:
 
 
 def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Progress,
-               stop: StopSignals | None = None) -> bool:
+               stop: StopSignals) -> bool:
     """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens).
     False when a stop signal ended it early (after the batch in progress)."""
     demos = load_demos(cfg.warm_start.demos_path)  # type: ignore[arg-type]
@@ -239,7 +239,7 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
             k += 1
             logger.log_metrics({f"warm_start/{k_.split('/')[-1]}": v for k_, v in metrics.items()}, k)
             progress.update_warm_start(k, metrics.get("loss/value", 0.0))
-            if stop is not None and stop.received:
+            if stop.received:
                 return False
     return True
 

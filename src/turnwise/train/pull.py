@@ -80,8 +80,8 @@ class WorkerDispatcher:
         last_progress = last_lease = time.monotonic()
         queued = len(ids)
         while pending:
-            queue.get(next(iter(pending)))  # applies lease expiry (re-queues tasks of dead workers)
-            now_queued = queue.counts()["queued"]
+            counts = queue.counts()  # also applies lease expiry (re-queues tasks of dead workers)
+            now_queued = counts["queued"]
             if now_queued < queued or now_queued == 0:
                 last_lease = time.monotonic()
             queued = now_queued
@@ -105,7 +105,6 @@ class WorkerDispatcher:
                 pending.discard(task_id)
                 last_progress = time.monotonic()
             if pending and time.monotonic() - last_progress > self.warn_after:
-                counts = queue.counts()
                 log.warning("%d rollouts still waiting (%d queued, %d leased): are `turnwise worker`s running "
                             "against this runtime?", len(pending), counts["queued"], counts["leased"])
                 last_progress = time.monotonic()
