@@ -25,7 +25,7 @@ from pathlib import Path
 
 from turnwise.config import load_config
 from turnwise.track import JsonlLogger
-from turnwise.train.loop import train
+from turnwise.train.job import select_loop
 
 DEMO = Path(__file__).parent.parent / "examples" / "support_desk" / "config.yaml"
 
@@ -65,7 +65,7 @@ def run_one(off_policy: int, seed: int, args: argparse.Namespace, work: Path) ->
     val: dict[str, float] = {}
     agent = make_agent(seed, args.median, args.sigma, args.stragglers, val)
     try:
-        result = train(cfg, agent, run_dir, logger)
+        result = select_loop(cfg)(cfg, agent, run_dir, logger)
     finally:
         logger.close()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

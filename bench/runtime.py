@@ -32,11 +32,12 @@ from pathlib import Path
 import httpx
 
 from turnwise.adapter import FeedbackClient, RolloutContext
+from turnwise.config import default_sampling_params
 from turnwise.runtime.capture import build_segments
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import IM_END, ByteChat, ScriptedSampler, stub_app
-from turnwise.types import Message, SamplingParams, TrajectoryStatus
+from turnwise.types import Message, TrajectoryStatus
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,7 +50,7 @@ def direct_sampler_ms(n: int) -> list[float]:
     ids = chat.encode("ok") + [IM_END]
     sampler = ScriptedSampler(lambda _: ids)
     prompt = chat.prompt_ids([Message(role="user", content="question 0")], None)
-    params = SamplingParams()
+    params = default_sampling_params()
 
     async def run() -> list[float]:
         out = []

@@ -35,9 +35,9 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnwise.config import ModelConfig, TinyModelConfig
+from turnwise.config import ModelConfig, TinyModelConfig, default_sampling_params
 from turnwise.policy import ChatFormat, SamplerEngine, load_policy
-from turnwise.types import Message, SamplingParams
+from turnwise.types import Message
 
 TOOLS = [{"type": "function", "function": {"name": n, "description": d, "parameters": {
     "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}
@@ -86,9 +86,9 @@ def prompts(chat: ChatFormat, count: int) -> list[tuple[list[int], list[int]]]:
 
 def run_ours(model: PreTrainedModel, tok: PreTrainedTokenizerBase, convs: list[tuple[list[int], list[int]]],
              n_new: int) -> tuple[float, int]:
-    params = SamplingParams(temperature=0.0, max_tokens=n_new)
+    params = default_sampling_params(temperature=0.0, max_tokens=n_new)
     with SamplerEngine(model, tok, stop_token_ids=(), max_batch_size=64) as engine:
-        engine.submit(convs[0][0], SamplingParams(temperature=0.0, max_tokens=2)).result()
+        engine.submit(convs[0][0], default_sampling_params(temperature=0.0, max_tokens=2)).result()
         start = time.perf_counter()
         first = [engine.submit(p, params, cache_key=f"c{i}") for i, (p, _) in enumerate(convs)]
         firsts = [f.result() for f in first]

@@ -13,11 +13,12 @@ import pytest
 
 from turnwise.adapter.context import RolloutContext, current_rollout, headers, rollout_scope
 from turnwise.adapter.feedback import FeedbackClient, FeedbackError
+from turnwise.config import default_sampling_params
 from turnwise.runtime.app import create_app
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import IM_END, ByteChat, ScriptedSampler
-from turnwise.types import SamplingParams, TrajectoryStatus
+from turnwise.types import TrajectoryStatus
 
 
 def test_context_headers_and_clients():
@@ -98,7 +99,7 @@ def test_reports_reach_a_server_that_starts_late(tmp_path):
     store.begin("t")
     chat = ByteChat()
     app = create_app(sampler=ScriptedSampler([[IM_END]]), chat=chat, store=store, model_name="m",
-                     default_params=SamplingParams())
+                     default_params=default_sampling_params())
     server = RuntimeServer(app, port=port)
     timer = threading.Timer(0.5, server.start)
     timer.start()

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from turnwise.algo import LOSSES, aggregate, compute_loss, entropy_from_logits
-from turnwise.types import LossOptions
+from turnwise.config import default_loss_options
 
 D = torch.float64
-OPTS = LossOptions()
+OPTS = default_loss_options()
 L2, L3 = math.log(2.0), math.log(1.5)
 
 
@@ -69,7 +69,7 @@ def test_ppo_by_hand():
     ("seq-mean-token-sum-norm", None, (-2.1 + 0.0) / 2 / 3),  # None: T = 3
 ])
 def test_ppo_aggregation_modes_by_hand(mode, norm, expected):
-    loss, _, _ = run("ppo", LossOptions(loss_agg_mode=mode, loss_agg_norm=norm))
+    loss, _, _ = run("ppo", default_loss_options(loss_agg_mode=mode, loss_agg_norm=norm))
     assert loss == pytest.approx(expected)
 
 
@@ -91,7 +91,7 @@ def test_ppo_dual_clip_by_hand():
     # (r=4, A=-1): max(4, 1.2) = 4, capped at -3*A = 3;  (r=4, A=1): max(-4, -1.2) = -1.2
     logp = t([[-1.0, -1.0]])
     sampler, adv, mask = logp - math.log(4.0), t([[-1.0, 1.0]]), torch.ones(1, 2)
-    loss, m, grad = run("ppo", LossOptions(clip_ratio_c=3.0), logp=logp, sampler=sampler, adv=adv, mask=mask)
+    loss, m, grad = run("ppo", default_loss_options(clip_ratio_c=3.0), logp=logp, sampler=sampler, adv=adv, mask=mask)
     assert loss == pytest.approx((3.0 - 1.2) / 2)
     assert m["loss/clip_frac_dual"] == 0.5 and m["loss/clip_frac_high"] == 0.5
     assert grad.tolist() == [[0.0, 0.0]]
@@ -127,14 +127,14 @@ def test_cross_entropy_by_hand():
 def test_sequence_level_ratio_by_hand():
     # GSPO: s_0 = (0.5*0.5*1.5)^(1/3) = 0.375^(1/3), s_1 = (1.5*1.0)^(1/2)
     s0, s1 = 0.375 ** (1 / 3), 1.5 ** 0.5
-    loss, m, grad = run("importance_sampling", LossOptions(ratio_level="sequence"))
+    loss, m, grad = run("importance_sampling", default_loss_options(ratio_level="sequence"))
     assert loss == pytest.approx((-s0 * (1 - 1 + 2) - s1 * (-2 + 3)) / 5)
     assert m["loss/ratio_mean"] == pytest.approx((3 * s0 + 2 * s1) / 5)
     assert m["loss/ratio_max"] == pytest.approx(s1)
     # GSPO-token: d/dlogp_t = s_i * (-A_t) / 5
     assert_rows(grad, [[-s0 / 5, s0 / 5, -2 * s0 / 5], [2 * s1 / 5, -3 * s1 / 5, 0.0]])
     # ppo: row 0 s0 = 0.721 < 0.8 clips A<0; row 1 s1 = 1.2247 > 1.2 clips A>0
-    loss, m, _ = run("ppo", LossOptions(ratio_level="sequence"))
+    loss, m, _ = run("ppo", default_loss_options(ratio_level="sequence"))
     assert loss == pytest.approx((-s0 * 1 + 0.8 * 1 - s0 * 2 + s1 * 2 - 1.2 * 3) / 5)
     assert m["loss/clip_frac_low"] == pytest.approx(0.2) and m["loss/clip_frac_high"] == pytest.approx(0.2)
 
@@ -144,7 +144,7 @@ def test_truncated_importance_sampling_by_hand():
     logp = t([[-1.0, -1.0, -1.0]])
     sampler = logp - t([[2.0, 0.5, 4.0]]).log()
     adv, mask = torch.ones(1, 3, dtype=D), torch.ones(1, 3)
-    opts = LossOptions(tis_cap=3.0)
+    opts = default_loss_options(tis_cap=3.0)
     loss, m, grad = run("importance_sampling", opts, logp=logp, sampler=sampler, adv=adv, mask=mask,
                         old_logprobs_B_T=logp)
     assert loss == pytest.approx(-(2 + 0.5 + 3) / 3)
@@ -170,11 +170,11 @@ def test_kl_penalty_is_added_with_the_same_aggregation():
     ref = t([[-1.5, -1.0, -0.5], [-1.0, -0.25, 9.0]])  # log rho = ref - logp = (-0.5, 1, 0), (0, 0, pad)
     k3 = (math.exp(-0.5) - 1 + 0.5) + (math.e - 1 - 1)
     base, _, _ = run("ppo")
-    loss, m, _ = run("ppo", LossOptions(kl_coef=0.1), ref_logprobs_B_T=ref)
+    loss, m, _ = run("ppo", default_loss_options(kl_coef=0.1), ref_logprobs_B_T=ref)
     assert m["loss/kl_ref"] == pytest.approx(k3 / 5)
     assert loss == pytest.approx(base + 0.1 * k3 / 5)
     with pytest.raises(ValueError, match="ref_logprobs"):
-        run("ppo", LossOptions(kl_coef=0.1))
+        run("ppo", default_loss_options(kl_coef=0.1))
 
 
 def test_entropy_metric_and_entropy_from_logits():
@@ -193,8 +193,8 @@ def test_masked_positions_cannot_leak_nan():
     sampler[1, 2], adv[1, 2] = float("inf"), float("nan")
     for name in ["ppo", "cispo", "importance_sampling"]:
         for level in ["token", "sequence"]:
-            loss, _, grad = run(name, LossOptions(ratio_level=level), logp=logp, sampler=sampler, adv=adv)
-            ref_loss, _, ref_grad = run(name, LossOptions(ratio_level=level))
+            loss, _, grad = run(name, default_loss_options(ratio_level=level), logp=logp, sampler=sampler, adv=adv)
+            ref_loss, _, ref_grad = run(name, default_loss_options(ratio_level=level))
             assert loss == pytest.approx(ref_loss) and torch.equal(grad, ref_grad)
 
 
@@ -204,11 +204,11 @@ def test_no_valid_token_gives_zero_loss():
 
 
 @pytest.mark.parametrize("opts, match", [
-    (LossOptions(clip_low_threshold=0.2, clip_high_threshold=0.3), "0 < low <= 1 <= high"),
-    (LossOptions(clip_ratio_c=0.9), "clip_ratio_c"),
-    (LossOptions(ratio_level="turn"), "ratio_level"),
-    (LossOptions(loss_agg_mode="sum"), "token-mean, seq-mean-token-mean"),
-    (LossOptions(kl_estimator="k9"), "k1, k2, k3"),
+    (default_loss_options(clip_low_threshold=0.2, clip_high_threshold=0.3), "0 < low <= 1 <= high"),
+    (default_loss_options(clip_ratio_c=0.9), "clip_ratio_c"),
+    (default_loss_options(ratio_level="turn"), "ratio_level"),
+    (default_loss_options(loss_agg_mode="sum"), "token-mean, seq-mean-token-mean"),
+    (default_loss_options(kl_estimator="k9"), "k1, k2, k3"),
 ])
 def test_bad_options_fail_clearly(opts, match):
     with pytest.raises(ValueError, match=match):
@@ -261,7 +261,7 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("name, opt_kw, extra, input_kw", GRADCHECK_CASES)
 def test_gradcheck(name, opt_kw, extra, input_kw, mode):
     logp, sampler, adv, mask = _inputs(**input_kw)
-    opts = replace(LossOptions(loss_agg_mode=mode), **opt_kw)
+    opts = replace(default_loss_options(loss_agg_mode=mode), **opt_kw)
     kw = {}
     if extra.get("old"):
         kw["old_logprobs_B_T"] = logp + 0.2 * torch.randn(B, T, generator=GEN, dtype=D)
@@ -302,7 +302,7 @@ AGG = st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"
 @settings(max_examples=60, deadline=None)
 @given(batches(log_r=st.floats(math.log(0.81), math.log(1.19))), AGG)
 def test_ppo_equals_importance_sampling_when_nothing_is_clipped(batch, mode):
-    opts = LossOptions(loss_agg_mode=mode)
+    opts = default_loss_options(loss_agg_mode=mode)
     ppo = _loss_and_grad("ppo", *batch, opts)
     is_ = _loss_and_grad("importance_sampling", *batch, opts)
     assert torch.allclose(ppo[0], is_[0]) and torch.allclose(ppo[1], is_[1])
@@ -313,7 +313,7 @@ def test_ppo_equals_importance_sampling_when_nothing_is_clipped(batch, mode):
 @given(batches(), AGG, st.sampled_from(["token", "sequence"]))
 def test_cispo_gradient_is_clipped_weight_times_policy_gradient(batch, mode, level):
     logp, sampler, adv, mask = batch
-    opts = LossOptions(loss_agg_mode=mode, ratio_level=level)
+    opts = default_loss_options(loss_agg_mode=mode, ratio_level=level)
     _, grad, m = _loss_and_grad("cispo", logp, sampler, adv, mask, opts)
     # plain policy gradient -A*logp under the same aggregation
     lp = logp.clone().requires_grad_(True)
@@ -328,7 +328,7 @@ def test_cispo_gradient_is_clipped_weight_times_policy_gradient(batch, mode, lev
 @settings(max_examples=60, deadline=None)
 @given(batches(), AGG, st.sampled_from(["ppo", "cispo", "importance_sampling"]))
 def test_loss_is_finite_and_clip_fractions_are_fractions(batch, mode, name):
-    loss, grad, m = _loss_and_grad(name, *batch, LossOptions(loss_agg_mode=mode, clip_ratio_c=3.0))
+    loss, grad, m = _loss_and_grad(name, *batch, default_loss_options(loss_agg_mode=mode, clip_ratio_c=3.0))
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert 0.0 <= m["loss/clip_frac_low"] <= 1.0 and 0.0 <= m["loss/clip_frac_high"] <= 1.0
     assert m["loss/clip_frac"] <= 1.0 and m["loss/approx_kl"] >= 0.0
@@ -339,8 +339,8 @@ def test_loss_is_finite_and_clip_fractions_are_fractions(batch, mode, name):
 @given(batches(), st.sampled_from(["ppo", "cispo", "importance_sampling"]))
 def test_sequence_level_equals_token_level_for_one_token_sequences(batch, name):
     logp, sampler, adv, mask = (x[:, :1] for x in batch)
-    a = _loss_and_grad(name, logp, sampler, adv, mask, LossOptions(ratio_level="token"))
-    b = _loss_and_grad(name, logp, sampler, adv, mask, LossOptions(ratio_level="sequence"))
+    a = _loss_and_grad(name, logp, sampler, adv, mask, default_loss_options(ratio_level="token"))
+    b = _loss_and_grad(name, logp, sampler, adv, mask, default_loss_options(ratio_level="sequence"))
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
 
 
@@ -351,8 +351,8 @@ def test_padding_columns_change_nothing(batch, mode, name):
     logp, sampler, adv, mask = batch
     pad = [torch.cat([x, torch.full((x.shape[0], 2), v, dtype=x.dtype)], dim=1)
            for x, v in [(logp, -1.0), (sampler, -2.0), (adv, 5.0), (mask, 0)]]
-    a = _loss_and_grad(name, logp, sampler, adv, mask, LossOptions(loss_agg_mode=mode))
-    b = _loss_and_grad(name, *pad, LossOptions(loss_agg_mode=mode))
+    a = _loss_and_grad(name, logp, sampler, adv, mask, default_loss_options(loss_agg_mode=mode))
+    b = _loss_and_grad(name, *pad, default_loss_options(loss_agg_mode=mode))
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1][:, :-2])
 
 

@@ -22,8 +22,8 @@ from turnwise.algo import (
     register_advantage,
     register_loss,
 )
-from turnwise.config import JobConfig
-from turnwise.types import AdvantageOptions, LossOptions, ScoredRollout
+from turnwise.config import JobConfig, default_advantage_options
+from turnwise.types import LossOptions, ScoredRollout
 
 
 def test_unknown_names_fail_with_the_valid_ones():
@@ -36,7 +36,7 @@ def test_unknown_names_fail_with_the_valid_ones():
                                          "importance_sampling, ppo"):
         get_loss("dapo")
     with pytest.raises(KeyError):  # also a KeyError, for callers that treat it as a lookup
-        compute_advantages("nope", [], AdvantageOptions())
+        compute_advantages("nope", [], default_advantage_options())
 
 
 def test_user_advantage_is_picked_by_name_from_config():
@@ -62,7 +62,7 @@ def test_user_advantage_output_is_checked():
 
     try:
         with pytest.raises(RuntimeError, match="'test_wrong_length' returned 1 advantages for trajectory 'a'"):
-            compute_advantages("test_wrong_length", [ScoredRollout("g", "a", (1.0,), (2,))], AdvantageOptions())
+            compute_advantages("test_wrong_length", [ScoredRollout("g", "a", (1.0,), (2,))], default_advantage_options())
     finally:
         ADVANTAGES.unregister("test_wrong_length")
 

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from turnwise.algo import aggregate, compute_advantages, compute_loss, entropy_from_logits, kl_penalty
-from turnwise.types import AdvantageOptions, LossOptions, ScoredRollout
+from turnwise.config import default_advantage_options, default_loss_options
+from turnwise.types import ScoredRollout
 
 pytestmark = pytest.mark.slow
 VERL_VERSION = "0.9.1"
@@ -141,7 +142,7 @@ def test_advantages_match_verl(verl, seed):
     core, cfg = verl.core, verl.AlgoConfig
 
     def ours(name, **kw):
-        return compute_advantages(name, rollouts, AdvantageOptions(**kw))[0]
+        return compute_advantages(name, rollouts, default_advantage_options(**kw))[0]
 
     for norm in (True, False):
         theirs, _ = core.compute_grpo_outcome_advantage(rewards.clone(), mask, index, epsilon=1e-6,
@@ -203,10 +204,10 @@ def test_ppo_cispo_gspo_match_verl(verl, seed, mode):
     logp, sampler, adv, mask = _random_tensors(seed)
     lo, hi = 0.8, 1.2
     cases = [  # (our loss, our options, verl function, verl's clip_ratio_c)
-        ("ppo", LossOptions(loss_agg_mode=mode, clip_ratio_c=3.0), verl.core.compute_policy_loss_vanilla, 3.0),
-        ("ppo", LossOptions(loss_agg_mode=mode), verl.core.compute_policy_loss_vanilla, 1e30),
-        ("cispo", LossOptions(loss_agg_mode=mode), verl.core.compute_policy_loss_cispo, 3.0),
-        ("ppo", LossOptions(loss_agg_mode=mode, ratio_level="sequence", clip_low_threshold=0.97,
+        ("ppo", default_loss_options(loss_agg_mode=mode, clip_ratio_c=3.0), verl.core.compute_policy_loss_vanilla, 3.0),
+        ("ppo", default_loss_options(loss_agg_mode=mode), verl.core.compute_policy_loss_vanilla, 1e30),
+        ("cispo", default_loss_options(loss_agg_mode=mode), verl.core.compute_policy_loss_cispo, 3.0),
+        ("ppo", default_loss_options(loss_agg_mode=mode, ratio_level="sequence", clip_low_threshold=0.97,
                             clip_high_threshold=1.03), verl.core.compute_policy_loss_gspo, 3.0),
     ]
     for name, opts, verl_fn, c in cases:
@@ -229,7 +230,7 @@ def test_importance_sampling_and_tis_match_verl(verl, seed, mode):
     config = verl.ActorConfig(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=1e30)
     # -r*A has the gradient of verl's REINFORCE loss with the detached IS weight r
     (_, ga, _), (_, gb, _) = _both(
-        lambda lp: compute_loss("importance_sampling", lp, sampler, adv, mask, LossOptions(loss_agg_mode=mode)),
+        lambda lp: compute_loss("importance_sampling", lp, sampler, adv, mask, default_loss_options(loss_agg_mode=mode)),
         lambda lp: verl.core.compute_policy_loss_reinforce(
             sampler, lp, adv, mask, mode, config, rollout_is_weights=(lp - sampler).exp().detach()), logp)
     _close(ga, gb)
@@ -237,7 +238,7 @@ def test_importance_sampling_and_tis_match_verl(verl, seed, mode):
     old = logp + 0.1 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed), dtype=D)
     weights = (old - sampler).exp().clamp(max=1.5)
     (la, ga, _), (lb, gb, _) = _both(
-        lambda lp: compute_loss("ppo", lp, sampler, adv, mask, LossOptions(loss_agg_mode=mode, tis_cap=1.5),
+        lambda lp: compute_loss("ppo", lp, sampler, adv, mask, default_loss_options(loss_agg_mode=mode, tis_cap=1.5),
                                 old_logprobs_B_T=old),
         lambda lp: verl.core.compute_policy_loss_vanilla(old, lp, adv, mask, mode, config,
                                                          rollout_is_weights=weights), logp)

@@ -11,10 +11,10 @@ import pytest
 from turnwise.adapter import RolloutContext, create_agent_app
 from turnwise.adapter.worker import Worker
 from turnwise.config import JobConfig
+from turnwise.rollout.pull import WorkerDispatcher
+from turnwise.rollout.push import PushDispatcher
+from turnwise.rollout.runtime import EmbeddedRuntime
 from turnwise.runtime.server import RuntimeServer
-from turnwise.train.embedded import EmbeddedRuntime
-from turnwise.train.pull import WorkerDispatcher
-from turnwise.train.push import PushDispatcher
 from turnwise.types import Task, TrajectoryStatus
 
 PARAMS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4}

@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 
 from turnwise.adapter import RolloutContext, create_agent_app, rollout_handler
 from turnwise.config import AgentConfig, ConfigError
+from turnwise.rollout.dispatch import make_dispatcher
+from turnwise.rollout.push import AgentUnavailable, PushDispatcher
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import stub_app
-from turnwise.train.dispatch import make_dispatcher
-from turnwise.train.push import AgentUnavailable, PushDispatcher
 from turnwise.types import Task, TrajectoryStatus
 
 PARAMS = {"temperature": 0.5, "top_p": 0.9, "max_tokens": 32}

@@ -18,8 +18,8 @@ from fastapi import FastAPI, Request
 from turnwise.cli import main
 from turnwise.config import ConfigError, load_config
 from turnwise.eval import compare, evaluate, render_table
+from turnwise.rollout.agent import load_agent
 from turnwise.runtime.server import RuntimeServer
-from turnwise.train.dispatch import load_agent
 
 ROOT = Path(__file__).parent.parent
 SOP = {"delivered": "close", "in_transit": "wait", "damaged": "refund", "lost": "replace"}

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from turnwise.eval.metrics import mean_pass_at_k, mean_pass_hat_k, pass_at_k, pass_hat_k
-from turnwise.eval.records import EvalRollout, StopReason, TurnView, grade_rollout
+from turnwise.algo.passk import mean_pass_at_k, mean_pass_hat_k, pass_at_k, pass_hat_k
+from turnwise.eval.records import EvalRollout, Outcome, TurnView, grade_rollout
 from turnwise.eval.stats import EvalTable, check_gate, compare_tables, parse_threshold, summarize
-from turnwise.types import Message, ToolCall
+from turnwise.types import FailureKind, Message, ToolCall
 
 
 def test_pass_hat_k_table_from_the_issue():
@@ -33,8 +33,8 @@ def test_invalid_counts():
 # -- the evaluation table: tasks x trials of graded rollouts ------------------------------------
 
 
-def rollout(task_id, success, *, tokens=10, latency=1.0, calls=1, errors=0, stop=StopReason.ANSWERED):
-    failed = stop in (StopReason.AGENT_ERROR, StopReason.TIMEOUT)
+def rollout(task_id, success, *, tokens=10, latency=1.0, calls=1, errors=0, stop=Outcome.ANSWERED):
+    failed = stop in (Outcome.AGENT_ERROR, Outcome.TIMEOUT)
     return EvalRollout(task_id=task_id, trial=0, trajectory_id="t", stop_reason=stop,
                        error="boom" if failed else None, score=float(success), success=success,
                        exact_match=float(success), agent_reward=None if failed else 1.0, turns=2,
@@ -46,7 +46,7 @@ def table_420():
     """successes [4, 2, 0] of 4 trials (the issue's example)."""
     return [[rollout("a", True, tokens=10 * (i + 1), latency=float(i + 1)) for i in range(4)],
             [rollout("b", i < 2, errors=1) for i in range(4)],
-            [rollout("c", False, stop=StopReason.TIMEOUT if i == 0 else StopReason.LENGTH) for i in range(4)]]
+            [rollout("c", False, stop=Outcome.TIMEOUT if i == 0 else Outcome.LENGTH) for i in range(4)]]
 
 
 def test_summarize_by_hand():
@@ -100,15 +100,15 @@ def test_grading_ignores_the_training_reward():
     kw = dict(task_id="x", trial=0, trajectory_id="t", turns=turns, agent_metrics={}, latency_s=0.1,
               success_threshold=1.0)
     # the agent claims reward 1 (a gamed reward); strict exact match says no
-    r = grade_rollout(error=None, agent_reward=1.0, answer={"order_id": "1", "action": "replace"},
+    r = grade_rollout(error=None, failure=None, agent_reward=1.0, answer={"order_id": "1", "action": "replace"},
                       grader="exact_match", **kw)
     assert (r.score, r.success, r.exact_match, r.agent_reward) == (0.0, False, 0.0, 1.0)
     assert (r.turns, r.tool_calls, r.tool_errors, r.completion_tokens) == (2, 1, 1, 7)
-    assert r.stop_reason is StopReason.ANSWERED and r.messages[-1]["content"] == final.content
-    half = grade_rollout(error=None, agent_reward=0.0, answer={"order_id": "1", "action": "replace"},
+    assert r.stop_reason is Outcome.ANSWERED and r.messages[-1]["content"] == final.content
+    half = grade_rollout(error=None, failure=None, agent_reward=0.0, answer={"order_id": "1", "action": "replace"},
                          grader="field_accuracy", **kw)
     assert half.score == pytest.approx(0.1 + 0.9 * 0.5) and not half.success
-    crashed = grade_rollout(error="rollout timed out after 3s", agent_reward=None, answer={"a": 1},
+    crashed = grade_rollout(error="rollout timed out after 3s", failure=FailureKind.AGENT_TIMEOUT, agent_reward=None, answer={"a": 1},
                             grader="exact_match", **kw)
-    assert crashed.stop_reason is StopReason.TIMEOUT and crashed.failed and crashed.score == 0
+    assert crashed.stop_reason is Outcome.TIMEOUT and crashed.failed and crashed.score == 0
     assert EvalRollout.from_json(crashed.to_json()) == crashed

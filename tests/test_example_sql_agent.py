@@ -22,15 +22,15 @@ from examples.sql_agent.environment import MAX_ROWS, SCHEMA, TEMPLATES, TOOLS, c
 from examples.sql_agent.run import agent_server, free_port
 
 from turnwise.adapter import create_agent_app
-from turnwise.config import ModelConfig, load_config
+from turnwise.config import ModelConfig, default_sampling_params, load_config
 from turnwise.env import run_sql
+from turnwise.rollout.push import PushDispatcher
 from turnwise.runtime.app import create_app
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import ScriptedSampler
-from turnwise.train.push import PushDispatcher
 from turnwise.train.sft import completion_ids, load_demos
-from turnwise.types import SamplingParams, Task, TrajectoryStatus
+from turnwise.types import Task, TrajectoryStatus
 
 SETUP = SCHEMA + """\
 insert into customers values (1, 'Alice'), (2, 'Bob');
@@ -155,7 +155,7 @@ def scripted_policy(chat) -> ScriptedSampler:
 def test_served_agent_answers_push_rollouts_against_the_runtime(tmp_path, chat):
     store = TrajectoryStore(tmp_path / "t.db", "job-sql")
     app = create_app(sampler=scripted_policy(chat), chat=chat, store=store, model_name="tiny",
-                     default_params=SamplingParams(max_tokens=64))
+                     default_params=default_sampling_params(max_tokens=64))
     tasks = [Task(t["id"], t) for t in read_jsonl("val")[:2]]
     wrong = Task("wrong", {**tasks[0].row, "id": "wrong", "answer": {"answer": "not this"}})
     with RuntimeServer(app) as runtime, RuntimeServer(create_agent_app(sql_agent)) as agent:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from turnwise.config import ModelConfig
+from turnwise.config import ModelConfig, default_sampling_params
 from turnwise.policy.checkpoint import (
     apply_lora,
     export_state_dict,
@@ -17,7 +17,6 @@ from turnwise.policy.checkpoint import (
 )
 from turnwise.policy.load import ModelLoadError, load_policy
 from turnwise.policy.sampler import SamplerEngine
-from turnwise.types import SamplingParams
 
 TOKENS = torch.tensor([[3, 50, 70, 90, 110, 130]])
 
@@ -63,7 +62,7 @@ def test_export_equals_merge_and_feeds_the_sampler(policy) -> None:
     with engine:
         assert engine.update_weights(exported) == 1
         prompt = [3, 50, 70, 90]
-        got = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=1)).result()
+        got = engine.submit(prompt, default_sampling_params(temperature=0, max_tokens=1)).result()
     expected = _logits(merged)[0, 3].log_softmax(-1).max().item()
     assert abs(got.logprobs[0] - expected) < 1e-4
 

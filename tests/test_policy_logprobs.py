@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from turnwise.config import default_sampling_params
 from turnwise.policy.logprobs import token_logprobs
 from turnwise.policy.sampler import SamplerEngine
 from turnwise.types import SamplingParams
 
 
 @pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.0, max_tokens=20),
-    SamplingParams(temperature=1.0, max_tokens=20, seed=1),
-    SamplingParams(temperature=0.7, top_p=0.9, max_tokens=20, seed=2),
+    default_sampling_params(temperature=0.0, max_tokens=20),
+    default_sampling_params(temperature=1.0, max_tokens=20, seed=1),
+    default_sampling_params(temperature=0.7, top_p=0.9, max_tokens=20, seed=2),
 ])
 def test_parity_with_sampler_on_a_right_padded_batch(policy, params: SamplingParams) -> None:
     model, tokenizer = policy

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from turnwise.config import ModelConfig, TinyModelConfig
+from turnwise.config import ModelConfig, TinyModelConfig, default_sampling_params
 from turnwise.policy.load import load_policy
 from turnwise.policy.logprobs import token_logprobs
 from turnwise.policy.sampler import EngineClosedError, PromptTooLongError, SamplerEngine
-from turnwise.types import FinishReason, SamplingParams
+from turnwise.types import FinishReason
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+GREEDY = default_sampling_params(temperature=0.0, max_tokens=24)
 
 
 
@@ -46,9 +46,9 @@ def test_greedy_and_seeded_sampling_are_deterministic(engine, policy) -> None:
     a, b = (engine.submit(prompt, GREEDY).result() for _ in range(2))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 24
     assert a.finish_reason is FinishReason.LENGTH and a.prompt_tokens == len(prompt)
-    hot = SamplingParams(temperature=1.0, max_tokens=24, seed=7)
+    hot = default_sampling_params(temperature=1.0, max_tokens=24, seed=7)
     x, y = (engine.submit(prompt, hot).result() for _ in range(2))
-    z = engine.submit(prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=8)).result()
+    z = engine.submit(prompt, default_sampling_params(temperature=1.0, max_tokens=24, seed=8)).result()
     assert x.token_ids == y.token_ids and x.logprobs == y.logprobs
     assert z.token_ids != x.token_ids
 
@@ -56,13 +56,13 @@ def test_greedy_and_seeded_sampling_are_deterministic(engine, policy) -> None:
 def test_stop_token_and_stop_string(policy) -> None:
     model, tokenizer = policy
     prompt = _prompts(tokenizer, 1)[0]
-    seeded = SamplingParams(temperature=1.0, max_tokens=24, seed=11)
+    seeded = default_sampling_params(temperature=1.0, max_tokens=24, seed=11)
     with SamplerEngine(model, tokenizer, stop_token_ids=()) as eng:
         free = eng.submit(prompt, seeded).result()
         text = tokenizer.decode(free.token_ids)
         cut = len(tokenizer.decode(free.token_ids[:8]))
         stop = text[cut - 3: cut]
-        by_string = eng.submit(prompt, SamplingParams(temperature=1.0, max_tokens=24, seed=11, stop=(stop,))).result()
+        by_string = eng.submit(prompt, default_sampling_params(temperature=1.0, max_tokens=24, seed=11, stop=(stop,))).result()
     stop_id = free.token_ids[5]
     with SamplerEngine(model, tokenizer, stop_token_ids={stop_id}) as eng:
         stopped = eng.submit(prompt, seeded).result()
@@ -103,7 +103,7 @@ def test_concurrent_submits_from_threads(engine, policy) -> None:
 def test_newcomers_join_a_running_batch(engine, policy) -> None:
     prompts = _prompts(policy[1], 4)
     solo = [engine.submit(p, GREEDY).result() for p in prompts[1:]]
-    long = engine.submit(prompts[0], SamplingParams(temperature=0, max_tokens=300))
+    long = engine.submit(prompts[0], default_sampling_params(temperature=0, max_tokens=300))
     time.sleep(0.05)
     short = [engine.submit(p, GREEDY) for p in prompts[1:]]
     got = [f.result() for f in short]
@@ -118,7 +118,7 @@ def test_update_weights_while_requests_are_in_flight(policy) -> None:
     new_state = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
     with SamplerEngine(model, tokenizer, stop_token_ids=()) as eng:
         before = eng.submit(prompt, GREEDY).result()
-        in_flight = eng.submit(prompt, SamplingParams(temperature=0, max_tokens=400))
+        in_flight = eng.submit(prompt, default_sampling_params(temperature=0, max_tokens=400))
         time.sleep(0.05)
         assert eng.update_weights(new_state) == 1
         done = in_flight.result()
@@ -143,7 +143,7 @@ def test_prefix_reuse_matches_full_prefill(engine, policy) -> None:
     turn1 = engine.submit(first, GREEDY, cache_key="traj-1").result()
     delta = tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd order 77?<|im_end|>\n<|im_start|>assistant\n")
     second = first + list(turn1.token_ids) + delta
-    params = SamplingParams(temperature=0.8, max_tokens=24, seed=3)
+    params = default_sampling_params(temperature=0.8, max_tokens=24, seed=3)
     reused = engine.submit(second, params, cache_key="traj-1").result()
     full = engine.submit(second, params).result()
     assert reused.prompt_tokens == len(delta) + 1 and full.prompt_tokens == len(second)
@@ -157,7 +157,7 @@ def test_context_limit(tmp_path: Path) -> None:
                                                                      intermediate_size=64))
     model, tokenizer = load_policy(cfg)
     with SamplerEngine(model, tokenizer, stop_token_ids=()) as eng:
-        got = eng.submit(list(range(10, 70)), SamplingParams(temperature=0, max_tokens=50)).result()
+        got = eng.submit(list(range(10, 70)), default_sampling_params(temperature=0, max_tokens=50)).result()
         with pytest.raises(PromptTooLongError):
             eng.submit(list(range(10, 74)), GREEDY).result()
     assert len(got.token_ids) == 4 and got.finish_reason is FinishReason.LENGTH
@@ -172,7 +172,7 @@ def test_async_generate_and_close(policy) -> None:
         return await asyncio.gather(*(eng.generate(p, GREEDY) for p in prompts))
 
     assert len(asyncio.run(run())) == 3
-    pending = eng.submit(prompts[0], SamplingParams(temperature=0, max_tokens=100_000))
+    pending = eng.submit(prompts[0], default_sampling_params(temperature=0, max_tokens=100_000))
     eng.close()
     eng.close()
     with pytest.raises(EngineClosedError):
@@ -185,7 +185,7 @@ def test_mixed_prefix_batch_and_lru_bound(policy) -> None:
     """Rows with different reused prefixes (and none) prefilled together match a fresh full prefill."""
     model, tokenizer = policy
     firsts = _prompts(tokenizer, 3)
-    params = SamplingParams(temperature=0.9, max_tokens=12, seed=5)
+    params = default_sampling_params(temperature=0.9, max_tokens=12, seed=5)
     with SamplerEngine(model, tokenizer, prefix_cache_size=2) as eng:
         turn1 = [eng.submit(p, GREEDY, cache_key=f"t{i}").result() for i, p in enumerate(firsts)]
         tails = [tokenizer.encode(f"<|im_end|>\n<|im_start|>user\n{'more ' * (3 * i)}ok?<|im_end|>\n") for i in range(3)]
@@ -211,7 +211,7 @@ def test_prompts_that_begin_alike_share_one_prefill(policy) -> None:
     prompts = [system + tokenizer.encode(f"<|im_start|>user\nWhere is order {1000 + 7 * i}?<|im_end|>\n")
                for i in range(4)]
     shared = len(system) + len(tokenizer.encode("<|im_start|>user\nWhere is order "))
-    params = SamplingParams(temperature=0.9, max_tokens=12, seed=5)
+    params = default_sampling_params(temperature=0.9, max_tokens=12, seed=5)
     with SamplerEngine(model, tokenizer, prefix_cache_size=0) as plain:
         want = [plain.submit(p, params).result() for p in prompts]
     eng = SamplerEngine(model, tokenizer)

@@ -16,13 +16,14 @@ import pytest
 
 from turnwise.adapter.context import RolloutContext
 from turnwise.adapter.feedback import FeedbackClient
+from turnwise.config import default_sampling_params
 from turnwise.runtime.app import create_app
 from turnwise.runtime.capture import build_segments
 from turnwise.runtime.schemas import ChatCompletionResponse
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import IM_END, ByteChat, ScriptedSampler
-from turnwise.types import SamplingParams, TrajectoryStatus
+from turnwise.types import TrajectoryStatus
 
 CHAT = ByteChat()
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find a record",
@@ -42,7 +43,7 @@ def serve(tmp_path, script=reply_by_last_role, job="job-1", host="127.0.0.1", **
     store = TrajectoryStore(tmp_path / "trajectories.db", job)
     sampler = ScriptedSampler(script)
     app = create_app(sampler=sampler, chat=CHAT, store=store, model_name="policy",
-                     default_params=SamplingParams(max_tokens=512), **kwargs)
+                     default_params=default_sampling_params(max_tokens=512), **kwargs)
     with RuntimeServer(app, host=host) as server:
         yield server, store, sampler
 

@@ -13,13 +13,13 @@ import json
 import pytest
 
 from turnwise.adapter.context import RolloutContext
-from turnwise.config import ModelConfig
+from turnwise.config import ModelConfig, default_sampling_params
 from turnwise.runtime.app import create_app
 from turnwise.runtime.capture import build_segments
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import ScriptedSampler
-from turnwise.types import FinishReason, Message, SamplingParams
+from turnwise.types import FinishReason, Message
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Find an order",
                                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
@@ -82,7 +82,7 @@ def test_tool_conversation_with_the_real_chat_format(tmp_path, policy, echo, dro
     chat = policy[2]
     sampler = scripted(chat)
     store = TrajectoryStore(tmp_path / "t.db", "job")
-    app = create_app(sampler=sampler, chat=chat, store=store, model_name="tiny", default_params=SamplingParams())
+    app = create_app(sampler=sampler, chat=chat, store=store, model_name="tiny", default_params=default_sampling_params())
     with RuntimeServer(app) as server:
         first, second = asyncio.run(two_turns(RolloutContext("t", server.base_url, "tiny", {}), echo, drop_first))
     assert second.choices[0].message.content == "Your order has shipped."
@@ -104,13 +104,13 @@ def test_real_tiny_model_sync_and_async_clients(tmp_path, policy, engine):
     chat = policy[2]
     store = TrajectoryStore(tmp_path / "t.db", "job")
     app = create_app(sampler=engine, chat=chat, store=store, model_name="tiny",
-                     default_params=SamplingParams(max_tokens=48))
+                     default_params=default_sampling_params(max_tokens=48))
     question = [{"role": "user", "content": "Where is my refund?"}]
     prompt = chat.prompt_ids([Message(role="user", content="Where is my refund?")], None)
 
     async def find_seed_that_stops() -> int:  # a random model rarely ends its turn: find a seed that does
         for seed in range(300):
-            c = await engine.generate(prompt, SamplingParams(temperature=1.0, max_tokens=48, seed=seed))
+            c = await engine.generate(prompt, default_sampling_params(temperature=1.0, max_tokens=48, seed=seed))
             if c.finish_reason == FinishReason.STOP:
                 return seed
         pytest.skip("no seed in 300 makes the tiny model end its turn within 48 tokens")

@@ -8,16 +8,17 @@ from pathlib import Path
 
 from test_train_resume import small_config
 from turnwise.cli import main as cli_main
-from turnwise.train.job import flatten, make_logger
-from turnwise.train.loop import train
+from turnwise.track import flatten_params
+from turnwise.train.async_loop import train
+from turnwise.train.job import make_logger
 
 METRICS = [
     "rollout/reward/mean", "rollout/reward/valid_mean", "rollout/reward/zero_frac", "rollout/turns/mean",
     "rollout/tokens/response_max", "analysis/zero_adv_groups", "training/total_tokens",
-    "training/num_trajectories", "loss/clip_frac", "loss/kl", "loss/entropy", "rollout/tool_calls/mean",
+    "training/num_trajectories", "loss/clip_frac", "loss/approx_kl", "loss/entropy", "rollout/tool_calls/mean",
     "rollout/tool_errors/frac", "rollout/stop/final", "time/sample", "time/train", "time/step",
     "throughput/tokens_per_s", "mismatch/logprob_abs_diff", "usage/prefill_tokens", "usage/sample_tokens",
-    "usage/train_tokens", "async/dropped_stale", "async/staleness/mean", "async/staleness/max",
+    "async/dropped_stale", "async/staleness/mean", "async/staleness/max",
     "val/reward/mean", "val/reward/pass_at_1", "val/reward/pass_at_2",
 ]
 
@@ -48,7 +49,7 @@ def test_async_staleness_bound_metrics_traces_and_show(tmp_path: Path, capsys):
     run_dir = tmp_path / "runs" / "async"
     run_dir.mkdir(parents=True)
     logger = make_logger(cfg, run_dir, "async")
-    logger.log_params(flatten(cfg.model_dump(mode="json")))
+    logger.log_params(flatten_params(cfg.model_dump(mode="json")))
     try:
         result = train(cfg, straggling_agent, run_dir, logger)
     finally:

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from turnwise.train.data import TaskFileError, batches, load_tasks
-from turnwise.train.dispatch import AgentLoadError, load_agent, split_agent_return
+from turnwise.rollout.agent import AgentLoadError, BadReward, as_agent_result, load_agent
+from turnwise.rollout.tasks import TaskFileError, batches, load_tasks
+from turnwise.types import AgentResult
 
 
 def test_load_jsonl_and_csv(tmp_path: Path):
@@ -38,13 +39,14 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path: Path):
     assert full[:3] != full[3:]  # epochs are reshuffled
 
 
-def test_split_agent_return():
-    assert split_agent_return(1) == ((1.0,), {})
-    assert split_agent_return([0.5, 1.0]) == ((0.5, 1.0), {})
-    assert split_agent_return({"reward": 0.0, "metrics": {"tool_calls": 2}}) == ((0.0,), {"tool_calls": 2.0})
+def test_as_agent_result():
+    assert as_agent_result(1) == AgentResult((1.0,), {})
+    assert as_agent_result([0.5, 1.0]) == AgentResult((0.5, 1.0), {})
+    assert as_agent_result({"reward": 0.0, "metrics": {"tool_calls": 2}}) == AgentResult((0.0,), {"tool_calls": 2.0})
+    assert as_agent_result({"reward": 1, "state": {"k": 1}}).state == {"k": 1}
     for bad in (None, True, "1", [], [float("nan")], {"metrics": {}}):
-        with pytest.raises(ValueError):
-            split_agent_return(bad)
+        with pytest.raises(BadReward):
+            as_agent_result(bad)
 
 
 def test_load_agent_errors():

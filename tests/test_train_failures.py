@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from turnwise.train.learner import lr_lambda
+from turnwise.train.backend import lr_lambda
 from turnwise.train.metrics import apply_failure_policy, rollout_metrics, staleness
 from turnwise.types import (
     FinishReason,

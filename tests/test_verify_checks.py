@@ -8,6 +8,7 @@ import asyncio
 import copy
 import re
 
+from turnwise.config import JobConfig
 from turnwise.eval.verify import CheckStatus, VerifyReport, verify_environment
 from turnwise.types import Task
 from verify_envs import notes
@@ -19,7 +20,7 @@ TASKS = [Task(id=r["id"], row=r) for r in notes.TASKS]
 def verify(agent=notes.agent, **kwargs) -> VerifyReport:
     kwargs.setdefault("concurrency", 8)
     return asyncio.run(verify_environment(agent, TASKS, policy=scripted_policy(), chat=CHAT,
-                                          inference_params={"max_tokens": 256}, **kwargs))
+                                          cfg=JobConfig(sampling_max_tokens=256), **kwargs))
 
 
 def check(report: VerifyReport, name: str):

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from turnwise import cli
-from turnwise.config import ModelConfig
+from turnwise.config import JobConfig, ModelConfig
 from turnwise.eval.verify import CheckStatus, verify_environment
 from turnwise.policy.chat import ChatFormat
 from turnwise.policy.tiny import tiny_model_dir
@@ -49,7 +49,7 @@ def test_replays_through_the_tiny_models_chat_format_ignore_random_tool_call_ids
 
     def verify(agent):
         return asyncio.run(verify_environment(agent, tasks, policy=_scripted_tool_caller(chat), chat=chat,
-                                              inference_params={"max_tokens": 64}, concurrency=4,
+                                              cfg=JobConfig(sampling_max_tokens=64), concurrency=4,
                                               oracle_agent=notes.oracle))
 
     clean = verify(notes.agent)

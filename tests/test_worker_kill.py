@@ -13,11 +13,11 @@ import time
 
 import pytest
 
+from turnwise.rollout.pull import WorkerDispatcher
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
 from turnwise.runtime.testing import stub_app
-from turnwise.train.pull import WorkerDispatcher
 from turnwise.types import Task, TrajectoryStatus
 
 AGENT = textwrap.dedent("""

@@ -11,13 +11,13 @@ import pytest
 from turnwise.adapter import RolloutContext
 from turnwise.adapter.worker import Worker, WorkerError, as_rollout_handler
 from turnwise.config import AgentConfig, ConfigError
+from turnwise.rollout.dispatch import make_dispatcher
+from turnwise.rollout.pull import WorkerDispatcher
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
 from turnwise.runtime.testing import stub_app
-from turnwise.train.dispatch import make_dispatcher
 from turnwise.train.metrics import apply_failure_policy
-from turnwise.train.pull import WorkerDispatcher
 from turnwise.types import Task, TrajectoryStatus
 
 PARAMS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}

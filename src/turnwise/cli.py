@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("turnwise.train.command", "train an agent with RL (no CONFIG: the demo's config)"),
     "show": ("turnwise.train.command_show", "print a training step's trajectories (roles, tool calls, rewards)"),
     "eval": ("turnwise.eval.command", "evaluate a model on held-out tasks: pass@k, pass^k, exact match, gate"),
-    "serve": ("turnwise.runtime.command_serve", "run the runtime server alone (policy + OpenAI API + task queue)"),
+    "serve": ("turnwise.rollout.command_serve", "run the runtime server alone (policy + OpenAI API + task queue)"),
     "worker": ("turnwise.adapter.command_worker", "lease rollouts from a runtime server and run an agent on them"),
     "verify": ("turnwise.eval.command_verify",
                "check an environment: reproducible, isolated, production schemas, oracle 1 / null 0"),

@@ -8,6 +8,8 @@ engine and plumbing settings live in sections.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -111,6 +113,8 @@ class TrackingConfig(_Section):
     experiment: str = "turnwise"
     progress: bool = True
     """Rich progress bar in the terminal."""
+    console: Literal["auto", "on", "off"] = "auto"
+    """A plain metrics line per step on stderr; auto: when stderr is not a terminal (CI logs, nohup)."""
     traces: bool = True
     """Log every training rollout as an MLflow trace (a span per turn and per tool call)."""
     log_checkpoints: bool = True
@@ -184,6 +188,9 @@ class JobConfig(_Section):
     name: str = "turnwise"
     output_dir: str = "runs"
     seed: int = 0
+    plugins: tuple[str, ...] = ()
+    """Modules imported when the config loads, e.g. ones that `@register_loss` or
+    `@register_advantage` (the agent may run elsewhere, so its module is not enough)."""
 
     # batch shape and schedule
     global_batch_size: int = Field(128, ge=1)
@@ -261,6 +268,11 @@ class JobConfig(_Section):
             max_tokens=self.sampling_max_tokens,
         )
 
+    def inference_params(self, *, greedy: bool = False) -> dict[str, float | int]:
+        """The sampling settings sent to agents with each rollout (`inference_params`)."""
+        p = self.sampling_params(greedy=greedy)
+        return {"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens}
+
     def loss_options(self) -> LossOptions:
         return LossOptions(
             clip_low_threshold=self.clip_low_threshold, clip_high_threshold=self.clip_high_threshold,
@@ -302,7 +314,78 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raw[section][key] = str(base / value)
     for item in overrides:
         _apply_override(raw, item)
-    return validate_config(raw)
+    cfg = validate_config(raw)
+    check_algorithms(cfg)
+    return cfg
+
+
+DEMO_CONFIG = Path("examples") / "support_desk" / "config.yaml"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG and `--set` for a command that runs a job."""
+    parser.add_argument("config", nargs="?", help=f"YAML config file (default: ./{DEMO_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set learning_rate=1e-4")
+
+
+def load_job_config(args: argparse.Namespace) -> JobConfig:
+    """The config `add_config_arguments` parsed (no CONFIG: the demo's)."""
+    config = args.config
+    if config is None:
+        if not DEMO_CONFIG.is_file():
+            raise ConfigError(f"no CONFIG given and no demo config at ./{DEMO_CONFIG}; "
+                              "run from the turnwise repository or pass a config file")
+        config = str(DEMO_CONFIG)
+    return load_config(config, args.overrides)
+
+
+def default_sampling_params(**overrides: Any) -> SamplingParams:
+    """`JobConfig()`'s sampling params with `overrides` (for code that has no job config)."""
+    return dataclasses.replace(JobConfig().sampling_params(), **overrides)
+
+
+def default_loss_options(**overrides: Any) -> LossOptions:
+    """`JobConfig()`'s loss options with `overrides`."""
+    return dataclasses.replace(JobConfig().loss_options(), **overrides)
+
+
+def default_advantage_options(**overrides: Any) -> AdvantageOptions:
+    """`JobConfig()`'s advantage options with `overrides`."""
+    return dataclasses.replace(JobConfig().advantage_options(), **overrides)
+
+
+def check_algorithms(cfg: JobConfig) -> None:
+    """Import `plugins`, then check `loss_fn` and `advantage_method` against the registries (so a
+    misspelling fails now, not after the warm start). A python agent's module may register them
+    too: it is imported when a name is not found otherwise."""
+    import importlib
+    import sys
+
+    from turnwise.algo.advantages import ADVANTAGES
+    from turnwise.algo.losses import LOSSES
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for module in cfg.plugins:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a user module: any failure is a config error
+            raise ConfigError(f"plugins: cannot import {module!r}: {type(e).__name__}: {e}") from None
+    checks = ((cfg.loss_fn, LOSSES, "loss_fn"), (cfg.advantage_method, ADVANTAGES, "advantage_method"))
+    if any(name not in registry for name, registry, _ in checks) and cfg.agent.kind == "python" \
+            and cfg.agent.function and ":" in cfg.agent.function:
+        try:
+            importlib.import_module(cfg.agent.function.partition(":")[0])
+        except Exception as e:  # reported by the agent loader with its own message
+            raise ConfigError(f"agent.function: cannot import {cfg.agent.function!r}: {type(e).__name__}: {e}") \
+                from None
+    for name, registry, key in checks:
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry.names(), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{key}: unknown name {name!r}; {hint}valid names: {', '.join(registry.names())} "
+                              f"(register your own in a module listed in `plugins`)")
 
 
 def validate_config(raw: Mapping[str, Any]) -> JobConfig:

@@ -96,13 +96,13 @@ class Task:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one completion."""
+    """How to sample one completion (defaults live in `JobConfig` alone)."""
 
-    temperature: float = 1.0
+    temperature: float
     """0 means greedy."""
-    top_p: float = 1.0
+    top_p: float
     """Nucleus mass kept."""
-    max_tokens: int = 256
+    max_tokens: int
     """Most completion tokens."""
     stop: tuple[str, ...] = ()
     """Stop strings: sampling ends at the token that completes one; the returned text omits it."""
@@ -135,8 +135,49 @@ class Completion:
     """Prompt tokens the sampler computed (prefill), excluding any reused prefix KV."""
 
 
+class FailureKind(str, enum.Enum):
+    """Why a rollout failed; carried with its message on every FAILED trajectory. Metrics and
+    eval count these (`rollout/failed/<kind>`, `eval/stop/<kind>`), never the message text."""
+
+    AGENT_ERROR = "agent_error"
+    """The agent raised, or reported complete-rollout with status failed."""
+    AGENT_TIMEOUT = "timeout"
+    """The rollout ran past `agent.rollout_timeout`."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """No pull worker leased the rollout within `agent.queue_timeout`."""
+    NO_MODEL_CALL = "no_model_call"
+    """The agent finished without calling the model."""
+    BAD_REWARD = "bad_reward"
+    """The agent returned something that is not a finite reward (or per-turn rewards of the wrong length)."""
+    NO_REWARD = "no_reward"
+    """The agent completed the rollout but never sent update-reward."""
+    TRANSPORT = "transport"
+    """The agent server could not be reached, or answered an error (HTTP 4xx/5xx)."""
+    WORKER_LOST = "worker_lost"
+    """The pull worker holding the rollout stopped heartbeating."""
+    ABANDONED = "abandoned"
+    """The trainer stopped (killed, interrupted) while the rollout ran."""
+
+
+class StopReason(str, enum.Enum):
+    """Why a trajectory or tool loop ended (the `rollout/stop/<reason>` metric)."""
+
+    FINAL_ANSWER = "final_answer"
+    """The model replied without calling a tool."""
+    MAX_TURNS = "max_turns"
+    """The turn limit was reached while the model still called tools."""
+    MAX_TOKENS = "max_tokens"
+    """A reply was cut by its token limit (finish_reason "length")."""
+    TERMINAL_TOOL = "terminal_tool"
+    """A tool that ends the episode (`@tool(terminal=True)`) was called."""
+    ERROR = "error"
+    """A chat request failed."""
+
+
 class TrajectoryStatus(str, enum.Enum):
-    """Lifecycle of a rollout. Allowed moves are in `TRAJECTORY_TRANSITIONS`."""
+    """Lifecycle of a rollout. Allowed moves are in `TRAJECTORY_TRANSITIONS`: the agent completes an
+    IN_PROGRESS one (ready | failed) and rewards a READY one; the trainer may fail a READY one
+    that never got its reward (`TrajectoryStore.fail`)."""
 
     IN_PROGRESS = "in_progress"
     READY = "ready"
@@ -146,7 +187,7 @@ class TrajectoryStatus(str, enum.Enum):
 
 TRAJECTORY_TRANSITIONS: Mapping[TrajectoryStatus, frozenset[TrajectoryStatus]] = {
     TrajectoryStatus.IN_PROGRESS: frozenset({TrajectoryStatus.READY, TrajectoryStatus.FAILED}),
-    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED}),
+    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED}),
     TrajectoryStatus.FAILED: frozenset(),
     TrajectoryStatus.REWARDED: frozenset(),
 }
@@ -195,7 +236,9 @@ class Trajectory:
     tools: tuple[Mapping[str, Any], ...] = ()
     """OpenAI tool schemas the agent offered (from the first turn)."""
     error: str | None = None
-    """Why it failed, when it did."""
+    """Why it failed, when it did (for people; code reads `failure`)."""
+    failure: FailureKind | None = None
+    """The kind of failure, when it failed."""
 
     @property
     def reward(self) -> float:
@@ -233,6 +276,22 @@ class RolloutResult:
     """Wall time of the agent run."""
     metrics: Mapping[str, float] = field(default_factory=dict)
     """Numbers the agent or its reward reported (tool calls, tool errors, ...)."""
+    state: Any = None
+    """The final environment state the agent returned (`AgentResult.state`), for verify."""
+    retries: int = 0
+    """Attempts retried before this one (push and pull dispatch)."""
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """What an agent run returns: its reward(s) and, optionally, numbers and the final state."""
+
+    rewards: tuple[float, ...]
+    """One finite value for the whole rollout, or one per turn."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Per-rollout numbers (tool calls, tool errors, stop reason, ...)."""
+    state: Any = None
+    """A JSON-able final state (`episode.state_snapshot()`), compared by `turnwise verify`."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +312,9 @@ class Datum:
     """Tokens, mask and behavior logprobs."""
     advantages_T: tuple[float, ...]
     """Advantage of each token (0 where the mask is 0)."""
+    trainer_logprobs_T: tuple[float, ...] | None = None
+    """The trainer's logprobs before this step's first update (truncated importance sampling over
+    several substeps); None: taken from the forward pass itself."""
 
 
 @dataclass(frozen=True)
@@ -267,35 +329,50 @@ class Batch:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Knobs of the policy losses (names as in the config)."""
+    """Knobs of the policy losses (names as in the config; defaults live in `JobConfig` alone)."""
 
-    clip_low_threshold: float = 0.8
+    clip_low_threshold: float
     """Lower bound on the importance ratio r."""
-    clip_high_threshold: float = 1.2
+    clip_high_threshold: float
     """Upper bound on the importance ratio r."""
-    clip_ratio_c: float | None = None
+    clip_ratio_c: float | None
     """Dual-clip bound for negative advantages (PPO only); None disables it."""
-    ratio_level: str = "token"
+    ratio_level: str
     """token | sequence (GSPO: geometric mean of token ratios per sequence)."""
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str
     """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
-    loss_agg_norm: float | None = None
+    loss_agg_norm: float | None
     """Fixed normalizer for seq-mean-token-sum-norm (Dr. GRPO); None = max_tokens of the batch."""
-    tis_cap: float | None = None
+    tis_cap: float | None
     """Truncated importance-sampling cap on exp(logp_trainer_old - logp_sampler); None disables it."""
-    kl_coef: float = 0.0
+    kl_coef: float
     """Weight of the KL penalty to the reference policy, added to the loss; 0 disables it."""
-    kl_estimator: str = "k3"
+    kl_estimator: str
     """k1 | k2 | k3: Schulman's per-token estimators of KL(policy || reference)."""
 
 
 @dataclass(frozen=True)
-class AdvantageOptions:
-    """Knobs of the advantage estimators."""
+class AdamParams:
+    """One `optim_step`'s AdamW settings (Tinker's `AdamParams`, plus clipping and decay)."""
 
-    normalize_std: bool = True
+    learning_rate: float
+    """This step's learning rate (the caller applies the schedule)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    """Knobs of the advantage estimators (defaults live in `JobConfig` alone)."""
+
+    normalize_std: bool
     """Divide by the group std (GRPO); False gives Dr. GRPO."""
-    gamma: float = 1.0
+    gamma: float
     """Discount for per-turn and token-level returns."""
     eps: float = 1e-6
     """Added to standard deviations."""

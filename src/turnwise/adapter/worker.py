@@ -36,6 +36,7 @@ import httpx
 from turnwise.adapter.context import RolloutContext
 from turnwise.adapter.feedback import error_message
 from turnwise.adapter.handler import rollout_handler
+from turnwise.types import FailureKind
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Worker:
         timeout = self.timeout if self.timeout is not None else payload.pop("rollout_timeout", None)
         rollout = asyncio.create_task(self._call(payload))
         beat = asyncio.create_task(self._heartbeat(http, task_path, lease["LeaseId"], rollout))
-        status, error = "done", None
+        status, error, failure = "done", None, None
         try:
             await asyncio.wait_for(asyncio.shield(rollout), timeout)
         except TimeoutError:
@@ -168,6 +169,7 @@ class Worker:
             with contextlib.suppress(BaseException):
                 await rollout
             status, error = "failed", f"rollout timed out after {timeout:g}s (worker {self.worker_id})"
+            failure = FailureKind.AGENT_TIMEOUT
         except asyncio.CancelledError:
             if not rollout.cancelled():  # the worker itself is being cancelled
                 rollout.cancel()
@@ -176,12 +178,12 @@ class Worker:
             log.warning("worker %s: lease of task %s lost; dropped it", self.worker_id, lease["TaskId"])
             return
         except Exception as e:  # the agent failed; rollout_handler already reported its trajectory
-            status, error = "failed", f"{type(e).__name__}: {e}"
+            status, error, failure = "failed", f"{type(e).__name__}: {e}", FailureKind.AGENT_ERROR
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        await self._report(http, task_path, lease["LeaseId"], status, error)
+        await self._report(http, task_path, lease["LeaseId"], status, error, failure)
 
     async def _call(self, payload: dict[str, Any]) -> None:
         if inspect.iscoroutinefunction(self.handler):
@@ -204,8 +206,9 @@ class Worker:
                 return
 
     async def _report(self, http: httpx.AsyncClient, task_path: str, lease_id: str, status: str,
-                      error: str | None) -> None:
-        body = {"LeaseId": lease_id, "Status": status, **({"Error": error[:4096]} if error else {})}
+                      error: str | None, failure: FailureKind | None = None) -> None:
+        body = {"LeaseId": lease_id, "Status": status, **({"Error": error[:4096]} if error else {}),
+                **({"Failure": failure.value} if failure else {})}
         for attempt in range(5):
             try:
                 r = await http.post(task_path + "/report", json=body)

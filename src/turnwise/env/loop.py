@@ -14,13 +14,12 @@ only a failed chat request ends the loop early with `StopReason.ERROR`.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from turnwise.env.tools import ToolBox
-from turnwise.types import Message, ToolCall, as_messages
+from turnwise.types import Message, StopReason, ToolCall, as_messages
 
 if TYPE_CHECKING:
     import openai
@@ -30,19 +29,6 @@ _OPENAI_PARAMS = frozenset({
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
     "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "parallel_tool_calls",
 })
-
-
-class StopReason(str, enum.Enum):
-    """Why a tool loop ended (becomes the `rollout/stop/<reason>` metric)."""
-
-    FINAL_ANSWER = "final_answer"
-    """The model replied without calling a tool."""
-    MAX_TURNS = "max_turns"
-    """`max_turns` chat requests were made and the last one still called tools."""
-    MAX_TOKENS = "max_tokens"
-    """A reply was cut by its token limit (finish_reason "length")."""
-    ERROR = "error"
-    """A chat request failed; `LoopResult.error` says why."""
 
 
 @dataclass(frozen=True)

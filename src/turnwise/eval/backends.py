@@ -1,8 +1,8 @@
 """Where the evaluated model runs: in process (a local HF dir, through the runtime server) or
 behind any OpenAI-compatible endpoint.
 
-Embedded: the same `EmbeddedRuntime` and `Dispatcher` as training, so every turn is recorded
-token-exactly in `trajectories.db`. Endpoint: no token ids; the client handed to the agent
+Embedded: the same `EmbeddedRuntime` and dispatchers as training (every `agent.kind`), so every
+turn is recorded token-exactly in `trajectories.db`. Endpoint: no token ids; the client handed to the agent
 records each `/chat/completions` exchange (request messages, reply, finish reason, usage)
 through httpx response hooks. Streaming calls are not recorded. Both run one task's trials at a
 time (`run_task`) so that the caller can save each task as soon as it is done.
@@ -11,7 +11,6 @@ time (`run_task`) so that the caller can save each task as soon as it is done.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -27,8 +26,9 @@ import openai
 from turnwise.adapter.context import RolloutContext
 from turnwise.config import JobConfig
 from turnwise.eval.records import TurnView, turns_from_trajectory
-from turnwise.train.dispatch import AgentFn, call_agent, split_agent_return
-from turnwise.types import TrajectoryStatus, as_messages
+from turnwise.rollout.agent import NO_MODEL_CALL, AgentFn, run_agent
+from turnwise.rollout.runtime import EmbeddedRuntime, run_cancelling
+from turnwise.types import FailureKind, TrajectoryStatus, as_messages
 
 T = TypeVar("T")
 
@@ -40,34 +40,16 @@ class Trial:
     trajectory_id: str
     turns: list[TurnView]
     error: str | None
+    failure: FailureKind | None
     agent_reward: float | None
     agent_metrics: Mapping[str, float]
     seconds: float
-
-
-def run_cancelling(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-    """`loop.run_until_complete`; on an interruption (Ctrl-C) the rollouts still running are
-    cancelled and awaited, so that they close their clients before the loop closes."""
-    try:
-        return loop.run_until_complete(coro)
-    except BaseException:
-        for _ in range(5):  # a cancelled rollout may itself be interrupted again
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            if not pending:
-                break
-            for task in pending:
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        raise
 
 
 class EmbeddedBackend:
     """A local HF model dir (or the built-in tiny model) served by the embedded runtime."""
 
     def __init__(self, cfg: JobConfig, out_dir: Path, agent: AgentFn | None, model_path: str | None) -> None:
-        from turnwise.train.embedded import EmbeddedRuntime
-
         self.runtime = EmbeddedRuntime(cfg, out_dir, job_id=out_dir.name, model_path=model_path)
         self.agent = agent
 
@@ -89,7 +71,8 @@ class EmbeddedBackend:
             traj = r.trajectory
             rewarded = traj.status == TrajectoryStatus.REWARDED
             out.append(Trial(trajectory_id=traj.id, turns=turns_from_trajectory(traj), error=traj.error,
-                             agent_reward=traj.reward if rewarded else None, agent_metrics=dict(r.metrics),
+                             failure=traj.failure, agent_reward=traj.reward if rewarded else None,
+                             agent_metrics=dict(r.metrics),
                              seconds=r.seconds))
         return out
 
@@ -161,16 +144,12 @@ class EndpointBackend:
         client = ctx.async_openai(http_client=openai.DefaultAsyncHttpxClient(
             event_hooks={"response": [recorder.on_response]}))
         start = time.perf_counter()
-        reward, metrics = None, {}
-        value, error = await call_agent(self.agent, task, client, ctx, self.timeout)
-        if error is None:
-            try:
-                rewards, metrics = split_agent_return(value)
-                reward = sum(rewards)
-            except ValueError as e:
-                error = str(e)
-        if error is None and not recorder.turns:
-            error = "the agent made no model call"
-        return Trial(trajectory_id=ctx.trajectory_id, turns=recorder.turns, error=error,
-                     agent_reward=reward, agent_metrics=metrics, seconds=time.perf_counter() - start)
+        run = await run_agent(self.agent, task, ctx, self.timeout, client=client)
+        failure, error = run.failure, run.error
+        if run.result is not None and not recorder.turns:
+            failure, error = FailureKind.NO_MODEL_CALL, NO_MODEL_CALL
+        return Trial(trajectory_id=ctx.trajectory_id, turns=recorder.turns, error=error, failure=failure,
+                     agent_reward=sum(run.result.rewards) if run.result and failure is None else None,
+                     agent_metrics=dict(run.result.metrics) if run.result else {},
+                     seconds=time.perf_counter() - start)
 

@@ -1,7 +1,7 @@
 """`turnwise verify [CONFIG] [--set k=v ...] [--json]`: is the environment fit for training?
 
-Runs the job's agent on `verify.tasks` tasks from `data.train_path` with the job's policy
-(`model`), then the checks of `turnwise.eval.verify`. Exit code 0 when every check passes or
+Runs the job's agent (any `agent.kind`) on `verify.tasks` tasks from `data.train_path` with the
+job's policy (`model`), then the checks of `turnwise.eval.verify`. Exit code 0 when every check passes or
 is skipped, 1 when one fails, 2 on a config error.
 """
 
@@ -19,13 +19,11 @@ from typing import Any
 
 import yaml
 
-from turnwise.config import ConfigError, JobConfig
+from turnwise.config import AgentConfig, ConfigError, JobConfig, add_config_arguments, load_job_config
 from turnwise.eval.verify import VerifyReport, load_tool_entries, verify_environment
+from turnwise.rollout.agent import AgentFn, AgentLoadError, load_agent
+from turnwise.rollout.tasks import TaskFileError, epoch_order, load_tasks
 from turnwise.runtime.protocols import Chat, Sampler
-from turnwise.train.command import add_config_arguments, load_job_config
-from turnwise.train.data import TaskFileError, epoch_order, load_tasks
-from turnwise.train.dispatch import AgentFn, AgentLoadError, load_agent
-from turnwise.train.loop import inference_params
 from turnwise.types import Task
 
 
@@ -44,20 +42,19 @@ def run(args: argparse.Namespace) -> int:
 @contextmanager
 def job_policy(cfg: JobConfig) -> Iterator[tuple[Sampler, Chat]]:
     """The job's policy (`model`) as a started sampler engine and its chat format."""
-    from turnwise.policy.chat import ChatFormat
-    from turnwise.policy.load import load_policy
-    from turnwise.policy.sampler import SamplerEngine
+    from turnwise.rollout.runtime import load_engine
 
-    model, tokenizer = load_policy(cfg.model)
-    with SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size) as engine:
-        yield engine, ChatFormat(tokenizer, cfg.model.tool_call_format)
+    _, _, chat, engine = load_engine(cfg)
+    with engine:
+        yield engine, chat
 
 
 def verify_job(cfg: JobConfig, policy: Callable[[JobConfig], Any] | None = None) -> VerifyReport:
     """Resolve the config's agents, tasks and schemas, then verify against `policy(cfg)`
     (default `job_policy`: the configured model)."""
     v = cfg.verify
-    agent = _agent(cfg.agent.function, "agent.function")
+    agent: AgentFn | AgentConfig = (_agent(cfg.agent.function, "agent.function") if cfg.agent.kind == "python"
+                                    else cfg.agent)
     oracle = _agent(v.oracle_agent, "verify.oracle_agent") if v.oracle_agent else None
     null = _agent(v.null_agent, "verify.null_agent") if v.null_agent else None
     tools = load_tool_entries(_import(v.tools, "verify.tools"), v.tools) if v.tools else None
@@ -65,10 +62,8 @@ def verify_job(cfg: JobConfig, policy: Callable[[JobConfig], Any] | None = None)
     tasks = sample_tasks(cfg)
     with (policy or job_policy)(cfg) as (sampler, chat):
         return asyncio.run(verify_environment(
-            agent, tasks, policy=sampler, chat=chat, inference_params=inference_params(cfg),
-            concurrency=v.concurrency, success_threshold=cfg.success_threshold,
-            production_schemas=production, tools=tools, oracle_agent=oracle, null_agent=null,
-            rollout_timeout=cfg.agent.rollout_timeout, default_params=cfg.sampling_params()))
+            agent, tasks, policy=sampler, chat=chat, cfg=cfg, concurrency=v.concurrency,
+            production_schemas=production, tools=tools, oracle_agent=oracle, null_agent=null))
 
 
 def sample_tasks(cfg: JobConfig) -> list[Task]:

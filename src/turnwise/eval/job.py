@@ -34,7 +34,7 @@ from turnwise.eval.stats import (
     metric_names,
     summarize,
 )
-from turnwise.train.dispatch import AgentFn
+from turnwise.rollout.agent import AgentFn
 from turnwise.types import Task
 
 RUN_NAMES = {"base": "base-model-eval", "checkpoint": "fine-tuned-model-eval", "endpoint": "endpoint-model-eval"}
@@ -190,7 +190,7 @@ def compare(cfg: JobConfig, a: str | ModelSpec, b: str | ModelSpec, out_dir: str
 # -- pieces ---------------------------------------------------------------------------------------
 
 def load_test_tasks(cfg: JobConfig) -> list[Task]:
-    from turnwise.train.data import TaskFileError, load_tasks
+    from turnwise.rollout.tasks import TaskFileError, load_tasks
 
     if not cfg.data.test_path:
         raise ConfigError("data.test_path is required for evaluation")
@@ -236,7 +236,7 @@ def _gate(gate: Mapping[str, float | str], metrics: Mapping[str, float],
 
 def _load_agent(cfg: JobConfig) -> AgentFn | None:
     """The in-process agent; None for `agent.kind` http or worker (the runtime's dispatcher reaches those)."""
-    from turnwise.train.dispatch import AgentLoadError, load_agent
+    from turnwise.rollout.agent import AgentLoadError, load_agent
 
     if cfg.agent.kind != "python":
         return None
@@ -311,7 +311,7 @@ async def _run_tasks(cfg: JobConfig, backend: EmbeddedBackend | EndpointBackend,
                 trials = await backend.run_task(task, G, params)
             answer = task.row.get(cfg.eval.answer_key)
             rollouts = [grade_rollout(task_id=task.id, trial=i, trajectory_id=t.trajectory_id, turns=t.turns,
-                                      error=t.error, agent_reward=t.agent_reward, agent_metrics=t.agent_metrics,
+                                      error=t.error, failure=t.failure, agent_reward=t.agent_reward, agent_metrics=t.agent_metrics,
                                       latency_s=t.seconds, answer=answer, grader=cfg.eval.grader,
                                       success_threshold=cfg.success_threshold)
                         for i, t in enumerate(trials)]
@@ -332,13 +332,12 @@ def _log_mlflow(cfg: JobConfig, run_name: str, metrics: Mapping[str, float], met
                 artifacts: Sequence[Path]) -> str | None:
     if not cfg.tracking.mlflow:
         return None
-    from turnwise.track import MlflowLogger, default_tracking_uri
-    from turnwise.train.job import flatten
+    from turnwise.track import MlflowLogger, default_tracking_uri, flatten_params
 
     logger = MlflowLogger(default_tracking_uri(cfg.output_dir, cfg.tracking.tracking_uri),
                           cfg.tracking.experiment, run_name)
     try:
-        logger.log_params(flatten({"eval": dict(meta)}))
+        logger.log_params(flatten_params({"eval": dict(meta)}))
         logger.log_metrics(metrics, 0)
         for path in artifacts:
             logger.log_artifact(path)

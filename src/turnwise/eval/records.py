@@ -7,7 +7,7 @@ function turns those into an `EvalRollout`, so every metric is computed the same
 Scoring is independent of the training reward: the grader (`eval.grader`, default strict
 `exact_match`) reads the last assistant message and compares its `<final_output>` JSON with
 `task[eval.answer_key]`. The agent's own reward is kept as `agent_reward` for reference. A
-rollout that crashed, timed out or made no model call scores 0 and keeps its reason.
+rollout that failed (any `FailureKind`) scores 0 and keeps its kind and message.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from turnwise.env.rewards import exact_match, field_accuracy, lenient_match
-from turnwise.types import Message, Trajectory
+from turnwise.types import FailureKind, Message, Trajectory
 
 GRADERS = {"exact_match": exact_match, "lenient_match": lenient_match, "field_accuracy": field_accuracy}
 """Grader name -> `fn(output, ground_truth) -> Reward`; `reward` (the agent's own) is handled apart."""
 
 
-class StopReason(str, enum.Enum):
-    """Why an evaluation rollout ended; `eval/stop/<value>` is the fraction of rollouts."""
+class Outcome(str, enum.Enum):
+    """How an evaluation rollout ended: a normal stop, or the `FailureKind` of a failed rollout
+    (same values); `eval/stop/<value>` is the fraction of rollouts."""
 
     ANSWERED = "answered"
     """The last model turn ended normally without calling a tool."""
@@ -34,15 +35,18 @@ class StopReason(str, enum.Enum):
     """The agent stopped while the model was still calling tools (its turn limit)."""
     LENGTH = "length"
     """The last model turn hit max_tokens."""
-    AGENT_ERROR = "agent_error"
-    """The agent raised (or returned something that is not a reward)."""
-    TIMEOUT = "timeout"
-    """The rollout ran past `agent.rollout_timeout`."""
-    NO_MODEL_CALL = "no_model_call"
-    """The agent finished without calling the model."""
+    AGENT_ERROR = FailureKind.AGENT_ERROR.value
+    TIMEOUT = FailureKind.AGENT_TIMEOUT.value
+    QUEUE_TIMEOUT = FailureKind.QUEUE_TIMEOUT.value
+    NO_MODEL_CALL = FailureKind.NO_MODEL_CALL.value
+    BAD_REWARD = FailureKind.BAD_REWARD.value
+    NO_REWARD = FailureKind.NO_REWARD.value
+    TRANSPORT = FailureKind.TRANSPORT.value
+    WORKER_LOST = FailureKind.WORKER_LOST.value
+    ABANDONED = FailureKind.ABANDONED.value
 
 
-FAILURE_STOPS = frozenset({StopReason.AGENT_ERROR, StopReason.TIMEOUT, StopReason.NO_MODEL_CALL})
+FAILURE_STOPS = frozenset(Outcome(k.value) for k in FailureKind)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class EvalRollout:
     trial: int
     trajectory_id: str
     """Id in `trajectories.db` (embedded backend; token ids live there)."""
-    stop_reason: StopReason
+    stop_reason: Outcome
     error: str | None
     """Why it failed (crash, timeout, no model call, grader error); None otherwise."""
     score: float
@@ -109,7 +113,7 @@ class EvalRollout:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> EvalRollout:
-        return cls(**{**d, "stop_reason": StopReason(d["stop_reason"]),
+        return cls(**{**d, "stop_reason": Outcome(d["stop_reason"]),
                       "finish_reasons": tuple(d.get("finish_reasons", ())),
                       "messages": tuple(d.get("messages", ()))})
 
@@ -120,17 +124,8 @@ def turns_from_trajectory(traj: Trajectory) -> list[TurnView]:
                      tool_parse_error=t.tool_parse_error) for t in traj.turns]
 
 
-def failure_stop(error: str) -> StopReason:
-    """The dispatcher reports failures as text; map its two fixed messages, the rest is the agent's."""
-    if error.startswith("rollout timed out"):
-        return StopReason.TIMEOUT
-    if error == "the agent made no model call":
-        return StopReason.NO_MODEL_CALL
-    return StopReason.AGENT_ERROR
-
-
 def grade_rollout(*, task_id: str, trial: int, trajectory_id: str, turns: Sequence[TurnView],
-                  error: str | None, agent_reward: float | None, agent_metrics: Mapping[str, float],
+                  error: str | None, failure: FailureKind | None, agent_reward: float | None, agent_metrics: Mapping[str, float],
                   latency_s: float, answer: Any, grader: str, success_threshold: float) -> EvalRollout:
     """Grade one trial. `answer` is the task's ground truth (None when it has none)."""
     last = turns[-1] if turns else None
@@ -143,15 +138,15 @@ def grade_rollout(*, task_id: str, trial: int, trajectory_id: str, turns: Sequen
     else:
         tool_errors = sum(_is_tool_error(m) for m in (last.request_messages if last else ())) + parse_errors
     score, exact = 0.0, None
-    if error is None:
+    if failure is None:
         stop = _normal_stop(last)  # type: ignore[arg-type]
         try:
             score, exact = _grade(last.message.content, answer, grader, agent_reward)  # type: ignore[union-attr]
         except Exception as e:  # a malformed ground truth fails this trial, not the run
             error = f"grader {grader}: {type(e).__name__}: {e}"
-            stop = StopReason.AGENT_ERROR
+            stop = Outcome.AGENT_ERROR
     else:
-        stop = failure_stop(error)
+        stop = Outcome(failure.value)
         if answer is not None:
             exact = 0.0
     failed = stop in FAILURE_STOPS
@@ -166,10 +161,10 @@ def grade_rollout(*, task_id: str, trial: int, trajectory_id: str, turns: Sequen
         messages=messages)
 
 
-def _normal_stop(last: TurnView) -> StopReason:
+def _normal_stop(last: TurnView) -> Outcome:
     if last.finish_reason == "length":
-        return StopReason.LENGTH
-    return StopReason.TOOL_CALL if last.message.tool_calls else StopReason.ANSWERED
+        return Outcome.LENGTH
+    return Outcome.TOOL_CALL if last.message.tool_calls else Outcome.ANSWERED
 
 
 def _grade(text: str, answer: Any, grader: str, agent_reward: float | None) -> tuple[float, float | None]:

@@ -10,7 +10,7 @@ Metrics (every task has the same n = `eval.group_size` trials; a failed trial co
   eval/tokens/mean, p95       sampled tokens per rollout
   eval/latency/p50, p95       seconds per rollout
   eval/failed/frac            crashed, timed out or made no model call
-  eval/stop/<reason>          fraction of rollouts per `StopReason`
+  eval/stop/<reason>          fraction of rollouts per `Outcome` (a stop, or a failure kind)
   eval/agent_reward/mean      the agent's own (training) reward, when every rollout reported one
 
 Comparison: a paired bootstrap over tasks (the same resampled task indices for A and B), the
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from turnwise.eval.metrics import pass_at_k, pass_hat_k
-from turnwise.eval.records import EvalRollout, StopReason
+from turnwise.algo.passk import pass_at_k, pass_hat_k
+from turnwise.eval.records import EvalRollout, Outcome
 
-_STOPS = tuple(StopReason)
+_STOPS = tuple(Outcome)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class EvalTable:
     latency_N_G: np.ndarray
     failed_N_G: np.ndarray
     stop_N_G: np.ndarray
-    """Index into `StopReason` order."""
+    """Index into `Outcome` order."""
 
     @classmethod
     def from_rollouts(cls, tasks: Sequence[Sequence[EvalRollout]]) -> EvalTable:

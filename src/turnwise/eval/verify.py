@@ -14,7 +14,10 @@ Four checks; every failure names the task, the tool and the diff.
 4. reward: the oracle agent reaches `success_threshold` on every task; the null agent scores
    0 or less.
 
-The contract an environment meets (the agent is the job's `agent.function`, unchanged):
+The agent is the job's, of any `agent.kind`, run through the same dispatchers as training: an
+in-process function (python), an agent server (http; it reaches verify's runtime through the
+push payload's `metadata.endpoint`) or pull workers (worker; start them against verify's runtime,
+`runtime.port` fixed). The contract an environment meets:
 - Final state: the agent returns it next to its reward, `{"reward": r, "state": X}`, X any
   JSON-able value: `episode.state_snapshot()` (diffed by table row, data key and file) or
   `episode.state_hash()`. An agent that returns no `state` gets its tool responses compared,
@@ -44,15 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from turnwise.adapter.context import RolloutContext
+from turnwise.config import AgentConfig, JobConfig
 from turnwise.env.schema import schema_diff
 from turnwise.eval.verify_replay import RoutingSampler, content_diff, json_diff, tool_responses
-from turnwise.runtime.app import create_app
+from turnwise.rollout.agent import AgentFn
+from turnwise.rollout.dispatch import InProcessDispatcher, RolloutDispatcher, make_dispatcher
+from turnwise.rollout.runtime import runtime_app
 from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
-from turnwise.train.dispatch import AgentFn, call_agent, split_agent_return
-from turnwise.types import SamplingParams, Task, Trajectory, json_dumps_canonical
+from turnwise.types import Task, Trajectory, TrajectoryStatus, json_dumps_canonical
 
 
 class CheckStatus(str, enum.Enum):
@@ -153,33 +157,42 @@ class _Run:
 
 
 async def verify_environment(
-    agent: AgentFn,
+    agent: AgentFn | AgentConfig,
     tasks_T: Sequence[Task],
     *,
     policy: Sampler,
     chat: Chat,
-    inference_params: Mapping[str, Any],
+    cfg: JobConfig | None = None,
     concurrency: int = 32,
-    success_threshold: float = 1.0,
     production_schemas: Sequence[Mapping[str, Any]] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     oracle_agent: AgentFn | None = None,
     null_agent: AgentFn | None = None,
-    rollout_timeout: float = 300.0,
-    default_params: SamplingParams | None = None,
 ) -> VerifyReport:
-    """Run the four checks (module docstring) against a runtime on loopback serving `policy`."""
+    """Run the four checks (module docstring) against a runtime on loopback serving `policy`.
+    `agent`: an in-process function, or the job's `AgentConfig` (any kind); `cfg` (default
+    `JobConfig()`) gives the sampling settings, timeouts, `success_threshold` and the runtime's port."""
     if not tasks_T:
         raise ValueError("verify needs at least one task")
+    cfg = cfg or JobConfig()
     sampler = RoutingSampler(policy, chat.stop_token_ids)
+    params = cfg.inference_params()
     with tempfile.TemporaryDirectory(prefix="turnwise-verify-store-") as store_dir, _private_tempdir() as tmp:
         store = TrajectoryStore(Path(store_dir) / "trajectories.db", job_id="verify")
-        app = create_app(sampler=sampler, chat=chat, store=store, model_name="verify",
-                         default_params=default_params or SamplingParams())
-        server = RuntimeServer(app).start()
+        app = runtime_app(cfg, sampler=sampler, chat=chat, store=store, model_name="verify")
+        server = RuntimeServer(app, host=cfg.runtime.host, port=cfg.runtime.port).start()
         try:
-            def go(a: AgentFn, task: Task, tid: str) -> Any:
-                return _rollout(a, task, tid, server.base_url, store, inference_params, rollout_timeout)
+            def dispatcher(a: AgentFn | AgentConfig) -> RolloutDispatcher:
+                if isinstance(a, AgentConfig):
+                    return make_dispatcher(a, None, base_url=server.base_url, model="verify", store=store)
+                return InProcessDispatcher(a, base_url=server.base_url, model="verify", store=store,
+                                           concurrency=max(concurrency, 1), timeout=cfg.agent.rollout_timeout,
+                                           require_model_call=False)
+
+            dispatchers = {id(a): dispatcher(a) for a in (agent, oracle_agent, null_agent) if a is not None}
+
+            def go(a: AgentFn | AgentConfig, task: Task, tid: str) -> Any:
+                return _rollout(dispatchers[id(a)], task, tid, params)
 
             firsts, replays = [], []
             for i, task in enumerate(tasks_T):  # alone, one at a time: the reference runs
@@ -221,7 +234,7 @@ async def verify_environment(
                 check_isolation(firsts, together, bad, [*(x for r in firsts + replays for x in r.leftovers),
                                                         *shared_leftovers]),
                 check_schemas(production_schemas, tools, recorded),
-                check_oracle(oracles, success_threshold) if oracle_agent is not None else
+                check_oracle(oracles, cfg.success_threshold) if oracle_agent is not None else
                 CheckResult("reward/oracle", CheckStatus.SKIP, "no verify.oracle_agent configured"),
                 check_null(nulls, custom=null_agent is not None)),
         tasks=tuple(t.id for t in tasks_T), concurrency=concurrency)
@@ -379,23 +392,15 @@ def _compare(first: _Run, again: _Run) -> tuple[list[Finding], int, int]:
     return findings, min(len(a), len(b)), states
 
 
-async def _rollout(agent: AgentFn, task: Task, trajectory_id: str, base_url: str, store: TrajectoryStore,
-                   params: Mapping[str, Any], timeout: float) -> _Run:
-    """One agent run, like the dispatcher's, with a trajectory id verify chooses (replays key on it)."""
-    ctx = RolloutContext(trajectory_id=trajectory_id, base_url=base_url, model="verify",
-                         inference_params=dict(params))
-    client = ctx.async_openai(max_retries=0)
-    state: Any = _NO_STATE
-    reward: float | None = None
-    value, error = await call_agent(agent, task, client, ctx, timeout)
-    if error is None:
-        try:
-            reward = sum(split_agent_return(value)[0])
-        except ValueError as e:
-            error = str(e)
-        if isinstance(value, Mapping) and "state" in value:
-            state = value["state"]
-    return _Run(task=task, trajectory=store.get(trajectory_id), reward=reward, state=state, error=error)
+async def _rollout(dispatcher: RolloutDispatcher, task: Task, trajectory_id: str,
+                   params: Mapping[str, Any]) -> _Run:
+    """One agent run through its dispatcher, with a trajectory id verify chooses (replays key on it)."""
+    r = await dispatcher.run_one(task, params, trajectory_id=trajectory_id)
+    traj = r.trajectory
+    failed = traj.status != TrajectoryStatus.REWARDED
+    return _Run(task=task, trajectory=traj if traj.turns else None, reward=None if failed else traj.reward,
+                state=_NO_STATE if r.state is None else r.state,
+                error=(traj.error or "the rollout failed") if failed else None)
 
 
 @contextlib.contextmanager

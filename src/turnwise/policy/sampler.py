@@ -180,8 +180,9 @@ class SamplerEngine:
         """`submit` for asyncio callers."""
         return await asyncio.wrap_future(self.submit(prompt_ids, params, cache_key))
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> int:
-        """Copy weights in between decode steps; returns the new version. Thread-safe."""
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> int:
+        """Copy weights in between decode steps; returns the new version (`version`, default the
+        current one + 1). Thread-safe."""
         unknown = sorted(set(state_dict) - set(self._tensors))
         if unknown:
             raise KeyError(f"update_weights: {len(unknown)} names not in the sampler's model, e.g. {unknown[:3]}")
@@ -193,7 +194,7 @@ class SamplerEngine:
                 self._tensors[name].copy_(tensor)
             self._prefix.clear()
             self._shared.clear()
-            self.version += 1
+            self.version = self.version + 1 if version is None else version
             return self.version
 
     def _loop(self) -> None:

@@ -1,7 +1,7 @@
 """The runtime server's app factory: OpenAI-compatible and rollout routes over one trajectory store.
 
     app = create_app(sampler=engine, chat=chat_format, store=TrajectoryStore(path, job_id),
-                     model_name="policy", default_params=SamplingParams())
+                     model_name="policy", default_params=default_sampling_params())
     with RuntimeServer(app) as server:   # turnwise.runtime.server
         ...  # agents call server.base_url + "/v1/chat/completions"
 

@@ -1,4 +1,5 @@
-"""The two things the runtime needs from a policy, as small Protocols.
+"""The two things the runtime needs from a policy: a `Sampler` (defined with the other engine
+seam in `turnwise.backends`) and a `Chat` format.
 
 `turnwise.policy.sampler.SamplerEngine` and `turnwise.policy.chat.ChatFormat` satisfy them; so do
 the stubs in `turnwise.runtime.testing` (tests, benchmarks) and any other engine (vLLM, ...).
@@ -9,21 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from turnwise.types import Completion, Message, SamplingParams
+from turnwise.backends import Sampler
+from turnwise.types import Message
 
 Tools = Sequence[Mapping[str, Any]] | None
-
-
-@runtime_checkable
-class Sampler(Protocol):
-    """Samples one completion for a token prompt."""
-
-    @property
-    def version(self) -> int:
-        """Policy version of the current weights."""
-        ...
-
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion: ...
 
 
 @runtime_checkable
@@ -50,3 +40,6 @@ class Chat(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+__all__ = ["Chat", "Sampler", "Tools"]

@@ -28,6 +28,7 @@ from typing import Any
 
 from turnwise.types import (
     TRAJECTORY_TRANSITIONS,
+    FailureKind,
     FinishReason,
     Message,
     Trajectory,
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
     status TEXT NOT NULL,
     tools TEXT NOT NULL,
     error TEXT,
+    failure TEXT,
     complete_token TEXT,
     n_turns INTEGER NOT NULL DEFAULT 0,
     prefill_tokens INTEGER NOT NULL DEFAULT 0,
@@ -184,6 +186,9 @@ class _Db:
         self.conn.execute("PRAGMA busy_timeout=30000")
         with self.lock:
             self.conn.executescript(_SCHEMA)
+            columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(trajectories)")}
+            if "failure" not in columns:  # a store written before failures were typed
+                self.conn.execute("ALTER TABLE trajectories ADD COLUMN failure TEXT")
 
 
 class TrajectoryStore:
@@ -281,8 +286,10 @@ class TrajectoryStore:
         return turn
 
     def complete(self, trajectory_id: str, status: TrajectoryStatus | str, *, error: str | None = None,
-                 client_token: str | None = None) -> None:
-        """Seal an in-progress trajectory as READY or FAILED."""
+                 client_token: str | None = None,
+                 failure: FailureKind | None = None) -> None:
+        """Seal an in-progress trajectory as READY or FAILED (the agent's report; `failure`
+        defaults to AGENT_ERROR for FAILED)."""
         status = TrajectoryStatus(status)
         if status not in (TrajectoryStatus.READY, TrajectoryStatus.FAILED):
             raise ValueError(f"complete takes ready or failed, not {status.value}")
@@ -295,12 +302,27 @@ class TrajectoryStore:
                     raise ClientTokenConflict(f"ClientToken {client_token!r} already completed trajectory "
                                               f"{trajectory_id!r} as {done_as.value}, not {status.value}")
                 return
-            if status not in TRAJECTORY_TRANSITIONS[current]:
+            if current != TrajectoryStatus.IN_PROGRESS:
                 raise TransitionError(f"trajectory {trajectory_id!r} is {current.value}: not in valid status "
                                       f"to complete as {status.value} (needs in_progress)")
-            conn.execute("UPDATE trajectories SET status=?, error=?, complete_token=?, updated_at=? "
+            if status == TrajectoryStatus.FAILED:
+                failure = failure or FailureKind.AGENT_ERROR
+            conn.execute("UPDATE trajectories SET status=?, error=?, failure=?, complete_token=?, updated_at=? "
                          "WHERE job_id=? AND id=?",
-                         (status.value, error, client_token, time.time(), self.job_id, trajectory_id))
+                         (status.value, error, failure.value if failure else None, client_token, time.time(),
+                          self.job_id, trajectory_id))
+
+    def fail(self, trajectory_id: str, failure: FailureKind, error: str) -> bool:
+        """The trainer's verdict: an IN_PROGRESS or READY (never rewarded) trajectory becomes FAILED
+        with `failure`. False when it had already ended (its agent finished meanwhile)."""
+        with self._tx() as conn:
+            current = TrajectoryStatus(self._status(conn, trajectory_id)["status"])
+            if TrajectoryStatus.FAILED not in TRAJECTORY_TRANSITIONS[current]:
+                return False
+            conn.execute("UPDATE trajectories SET status=?, error=?, failure=?, updated_at=? WHERE job_id=? AND id=?",
+                         (TrajectoryStatus.FAILED.value, error, failure.value, time.time(), self.job_id,
+                          trajectory_id))
+            return True
 
     def set_rewards(self, trajectory_id: str, rewards: Sequence[float] | float, *,
                     client_token: str | None = None) -> None:
@@ -364,7 +386,8 @@ class TrajectoryStore:
     def _trajectory(self, row: sqlite3.Row, turns: Sequence[Turn], reward: sqlite3.Row | None) -> Trajectory:
         return Trajectory(id=row["id"], job_id=self.job_id, status=TrajectoryStatus(row["status"]),
                           turns=tuple(turns), rewards=tuple(json.loads(reward["rewards"])) if reward else (),
-                          tools=tuple(json.loads(row["tools"])), error=row["error"])
+                          tools=tuple(json.loads(row["tools"])), error=row["error"],
+                          failure=FailureKind(row["failure"]) if row["failure"] else None)
 
     def list(self, status: TrajectoryStatus | str | None = None) -> list[Trajectory]:
         """Every trajectory of the job (optionally only those in one status), oldest first."""

@@ -3,7 +3,7 @@
     POST /tasks                      trainer: queue push payloads       {"Tasks": [{"TaskId"?, "Payload"}]}
     POST /tasks/lease                worker: take up to MaxTasks        {"WorkerId", "MaxTasks"?, "LeaseSeconds"?}
     POST /tasks/{id}/heartbeat       worker: keep the lease             {"LeaseId", "LeaseSeconds"?}
-    POST /tasks/{id}/report          worker: done | failed              {"LeaseId", "Status", "Error"?}
+    POST /tasks/{id}/report          worker: done | failed              {"LeaseId", "Status", "Error"?, "Failure"?}
     GET  /tasks/{id}                 anyone with the job's key: status, attempt, trajectory id
 """
 
@@ -18,6 +18,7 @@ from turnwise.runtime.auth import Caller
 from turnwise.runtime.deps import ApiError, CallerDep, Runtime, RuntimeDep, job_store
 from turnwise.runtime.schemas import ErrorResponse
 from turnwise.runtime.tasks import LeaseLost, TaskQueue, TaskState, UnknownTask
+from turnwise.types import FailureKind
 
 router = APIRouter(tags=["tasks"])
 
@@ -71,6 +72,8 @@ class ReportRequest(_Body):
     LeaseId: str
     Status: Literal["done", "failed"]
     Error: str | None = Field(None, max_length=4096)
+    Failure: FailureKind | None = None
+    """Why a failed task failed (default agent_error)."""
 
 
 class TaskOut(BaseModel):
@@ -128,7 +131,8 @@ async def heartbeat(task_id: str, body: HeartbeatRequest, rt: RuntimeDep, caller
 async def report(task_id: str, body: ReportRequest, rt: RuntimeDep, caller: CallerDep) -> dict[str, Any]:
     """End a leased task. Repeating the same report is a no-op; a stale lease gets 409."""
     try:
-        return _task(_queue(rt, caller).report(task_id, body.LeaseId, body.Status, body.Error))
+        return _task(_queue(rt, caller).report(task_id, body.LeaseId, body.Status, body.Error,
+                                                        failure=body.Failure))
     except (UnknownTask, LeaseLost) as e:
         raise ApiError(404 if isinstance(e, UnknownTask) else 409, str(e)) from None
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from turnwise.runtime.store import TrajectoryStore, TransitionError, UnknownTrajectory
-from turnwise.types import TrajectoryStatus
+from turnwise.types import FailureKind, TrajectoryStatus
 
 
 class TaskStatus(str, enum.Enum):
@@ -122,9 +122,11 @@ class TaskQueue:
                                 (self.job_id, TaskStatus.QUEUED.value, max_tasks)).fetchall()
             for row in rows:
                 attempt = row["attempt"] + 1
+                payload = json.loads(row["payload"])
+                named = (payload.get("metadata") or {}).get("trajectory_id") if attempt == 1 else None
                 lease = Lease(task_id=row["id"], lease_id=uuid.uuid4().hex,
-                              trajectory_id=f"{row['id']}.a{attempt}", attempt=attempt,
-                              expires_at=now + lease_seconds, payload=json.loads(row["payload"]))
+                              trajectory_id=str(named) if named else f"{row['id']}.a{attempt}", attempt=attempt,
+                              expires_at=now + lease_seconds, payload=payload)
                 conn.execute("UPDATE tasks SET status=?, attempt=?, lease_id=?, worker_id=?, lease_expires_at=?, "
                              "trajectory_id=? WHERE job_id=? AND id=?",
                              (TaskStatus.LEASED.value, attempt, lease.lease_id, worker_id, lease.expires_at,
@@ -148,7 +150,8 @@ class TaskQueue:
             conn.execute("UPDATE tasks SET lease_expires_at=? WHERE job_id=? AND id=?", (expires, self.job_id, task_id))
         return expires
 
-    def report(self, task_id: str, lease_id: str, status: TaskStatus | str, error: str | None = None) -> TaskState:
+    def report(self, task_id: str, lease_id: str, status: TaskStatus | str, error: str | None = None,
+               failure: FailureKind | None = None) -> TaskState:
         """End a leased task as done or failed; repeating the same report is a no-op."""
         status = TaskStatus(status)
         if status not in (TaskStatus.DONE, TaskStatus.FAILED):
@@ -162,9 +165,11 @@ class TaskQueue:
             conn.execute("UPDATE tasks SET status=?, error=?, lease_expires_at=NULL WHERE job_id=? AND id=?",
                          (status.value, error, self.job_id, task_id))
         if status == TaskStatus.FAILED:
-            self._fail_trajectory(row["trajectory_id"], error or "worker reported the task failed")
+            self._fail_trajectory(row["trajectory_id"], error or "worker reported the task failed",
+                                  failure or FailureKind.AGENT_ERROR)
         else:
-            self._fail_trajectory(row["trajectory_id"], "worker reported done without complete-rollout")
+            self._fail_trajectory(row["trajectory_id"], "worker reported done without complete-rollout",
+                                  FailureKind.AGENT_ERROR)
         return self.get(task_id)
 
     def fail_queued(self, task_ids: Sequence[str], error: str) -> list[str]:
@@ -223,12 +228,13 @@ class TaskQueue:
                               f"lease of worker {row['worker_id']!r} expired (attempt {row['attempt']})",
                               self.job_id, row["id"]))
         for row in rows:
-            self._fail_trajectory(row["trajectory_id"], f"lease expired (worker {row['worker_id']!r})")
+            self._fail_trajectory(row["trajectory_id"], f"lease expired (worker {row['worker_id']!r})",
+                                  FailureKind.WORKER_LOST)
 
-    def _fail_trajectory(self, trajectory_id: str | None, error: str) -> None:
+    def _fail_trajectory(self, trajectory_id: str | None, error: str, failure: FailureKind) -> None:
         if trajectory_id is None:
             return
         trajectory = self.store.get(trajectory_id, last_turn_only=True)
         if trajectory is not None and trajectory.status == TrajectoryStatus.IN_PROGRESS:
             with contextlib.suppress(TransitionError, UnknownTrajectory):  # completed meanwhile by its agent
-                self.store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error)
+                self.store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error, failure=failure)

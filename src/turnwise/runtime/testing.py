@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from turnwise.config import default_sampling_params
 from turnwise.types import Completion, FinishReason, Message, SamplingParams, ToolCall, json_dumps_canonical
 
 IM_START, IM_END, PAD = 256, 257, 258
@@ -132,7 +133,7 @@ def stub_app(store: Any, *, reply: str = "ok", **kwargs: Any) -> Any:
     chat = ByteChat()
     ids = chat.encode(reply) + [IM_END]
     return create_app(sampler=ScriptedSampler(lambda _: ids), chat=chat, store=store, model_name="stub",
-                      default_params=SamplingParams(max_tokens=256), **kwargs)
+                      default_params=default_sampling_params(max_tokens=256), **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,14 @@
-"""Logging behind one interface: console, JSONL and MLflow backends."""
+"""Logging behind one interface: console, JSONL and MLflow backends; the metric name table."""
 
-from turnwise.track.logger import JsonlLogger, Logger, MlflowLogger, MultiLogger, default_tracking_uri
+from turnwise.track.logger import (
+    ConsoleLogger,
+    JsonlLogger,
+    Logger,
+    MlflowLogger,
+    MultiLogger,
+    default_tracking_uri,
+    flatten_params,
+)
 
-__all__ = ["JsonlLogger", "Logger", "MlflowLogger", "MultiLogger", "default_tracking_uri"]
+__all__ = ["ConsoleLogger", "JsonlLogger", "Logger", "MlflowLogger", "MultiLogger", "default_tracking_uri",
+           "flatten_params"]

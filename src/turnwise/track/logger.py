@@ -1,24 +1,72 @@
 """One `Logger` interface with console, JSONL and MLflow backends.
 
-Keys are slash-namespaced (`rollout/reward/mean`). The trainer talks to a `MultiLogger` and
-never to a backend directly, so adding a backend touches no training code.
+Keys are slash-namespaced (`rollout/reward/mean`; the table is `turnwise.track.names`). The
+trainer talks to a `MultiLogger` and never to a backend directly, so adding a backend touches no
+training code: metrics, params, artifacts, checkpoints and rollout traces all go through it.
+Non-finite values are recorded as they are (JSON `NaN` / `Infinity`, MLflow's NaN), never dropped:
+a NaN loss is the first thing to see.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from turnwise.types import Group
 
 
 class Logger(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None: ...
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        """A checkpoint directory (`path`), filed under `checkpoints/<name>`."""
+        ...
+    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
+        """A step's rollouts, for browsing (MLflow traces)."""
+        ...
     def close(self) -> None: ...
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric values (bools and strings left out), NaN and infinities kept."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class ConsoleLogger:
+    """One plain line per logged step (for logs that are not a terminal, where bars stay silent)."""
+
+    KEYS = ("rollout/reward/mean", "rollout/pass_rate", "val/reward/mean", "loss/value",
+            "throughput/tokens_per_s", "time/step")
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        shown = [f"{k.split('/', 1)[-1] if k.startswith('rollout/') else k} {v:.4g}"
+                 for k, v in _numbers(metrics).items() if k in self.KEYS]
+        if shown:
+            print(f"step {step}: " + ", ".join(shown), file=self.stream, flush=True)
+
+    def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        print(f"checkpoint {name}: {path}", file=self.stream, flush=True)
+
+    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class JsonlLogger:
@@ -33,12 +81,17 @@ class JsonlLogger:
         (self.path.parent / "params.json").write_text(json.dumps(dict(params), indent=1, default=str))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.write(json.dumps({"step": step, **_numbers(metrics)}) + "\n")
         self._file.flush()
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         pass  # artifacts already live in the run directory
+
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        pass
+
+    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
+        pass  # the trainer writes rollouts/step_N.jsonl itself
 
     def close(self) -> None:
         self._file.close()
@@ -47,7 +100,8 @@ class JsonlLogger:
 class MlflowLogger:
     """Logs to MLflow through an explicit client and run id (no global fluent state)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, *, traces: bool = True,
+                 log_checkpoints: bool = True) -> None:
         import logging
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -60,6 +114,9 @@ class MlflowLogger:
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         self.experiment_id = experiment_id
+        self.traces = traces
+        self.log_checkpoints = log_checkpoints
+        self._traced = False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -74,15 +131,31 @@ class MlflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and math.isfinite(v)]
+        items = [Metric(k, v, now, step) for k, v in _numbers(metrics).items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        if self.log_checkpoints:
+            for f in sorted(path.iterdir()):
+                if f.is_file():
+                    self.log_artifact(f, f"checkpoints/{name}")
+
+    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
+        if self.traces:
+            from turnwise.track.traces import log_traces
+
+            log_traces(self.client, self.experiment_id, self.run_id, step, groups)
+            self._traced = True
+
     def close(self) -> None:
+        if self._traced:
+            from turnwise.track.traces import flush
+
+            flush()
         self.client.set_terminated(self.run_id)
 
 
@@ -104,6 +177,14 @@ class MultiLogger:
         for b in self.backends:
             b.log_artifact(path, artifact_dir)
 
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        for b in self.backends:
+            b.log_checkpoint(path, name)
+
+    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
+        for b in self.backends:
+            b.log_rollouts(step, groups)
+
     def close(self) -> None:
         for b in self.backends:
             b.close()
@@ -121,3 +202,14 @@ def default_tracking_uri(output_dir: str | Path, configured: str | None) -> str:
     path = Path(output_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
+    """Nested config -> `{"a.b.c": value}` for `log_params`."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= flatten_params(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,6 +1,6 @@
 """The asynchronous loop: sampling continues while the trainer updates, within a staleness bound.
 
-Same algorithm as `loop.py` (it reuses `learn` and `end_step`), scheduled differently:
+Same steps as `loop.py` (it runs `step.learn` and `step.end_step`), scheduled differently:
 - groups are launched one task at a time from the same seeded task stream, as long as at most
   (k + 1) x `global_batch_size` groups are in flight or waiting (k = `max_steps_off_policy`);
 - a step takes the first `global_batch_size` groups to complete, in completion order, so one
@@ -20,31 +20,39 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from pathlib import Path
 
-from turnwise.train.checkpoint import StopSignals
-from turnwise.train.data import batches
-from turnwise.train.loop import Run, end_step, inference_params, learn
+from turnwise.config import JobConfig
+from turnwise.rollout.agent import AgentFn
+from turnwise.rollout.tasks import batches
+from turnwise.track import Logger
 from turnwise.train.metrics import staleness
+from turnwise.train.step import Run, TrainResult, end_step, finish, interrupted_before_rl, learn, open_run
 from turnwise.types import Group, Task
 
 _EPOCHS_FOREVER = 1_000_000  # dropped groups consume tasks, so the stream may run past max_epochs
 
 
-def run_async(run: Run, train_tasks: Sequence[Task], start_step: int, stop: StopSignals) -> int:
+def train(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) -> TrainResult:
+    """Train with the asynchronous loop (`async_config.max_steps_off_policy` > 0)."""
+    started = time.perf_counter()
+    with open_run(cfg, agent, run_dir, logger) as run:
+        if run is None:
+            return interrupted_before_rl(run_dir, started)
+        return finish(run, run.rt.run(_steps(run)))
+
+
+async def _steps(run: Run) -> int:
     """Steps `start_step + 1 ..` until `total_steps` or a stop signal; returns the last step done."""
-    return run.rt.run(_steps(run, train_tasks, start_step, stop))
-
-
-async def _steps(run: Run, train_tasks: Sequence[Task], start_step: int, stop: StopSignals) -> int:
     cfg = run.cfg
     bound, size = cfg.async_config.max_steps_off_policy, cfg.global_batch_size
     stream: Iterator[tuple[int, Task]] = (
-        (epoch, task) for epoch, tasks in batches(train_tasks, size, cfg.seed, cfg.data.shuffle,
-                                                  _EPOCHS_FOREVER, start_step=start_step) for task in tasks)
+        (epoch, task) for epoch, tasks in batches(run.train_tasks, size, cfg.seed, cfg.data.shuffle,
+                                                  _EPOCHS_FOREVER, start_step=run.start_step) for task in tasks)
     done: asyncio.Queue[tuple[int, Group]] = asyncio.Queue()
     in_flight: set[asyncio.Task] = set()
-    params = inference_params(cfg)
+    params = cfg.inference_params()
 
     async def one_group(epoch: int, task: Task) -> None:
         [group] = await run.dispatcher.run_groups([task], cfg.group_size, params)
@@ -57,9 +65,9 @@ async def _steps(run: Run, train_tasks: Sequence[Task], start_step: int, stop: S
             in_flight.add(t)
             t.add_done_callback(in_flight.discard)
 
-    step = start_step
+    step = run.start_step
     try:
-        while step < run.total_steps and stop.received is None:
+        while step < run.total_steps and run.stop.received is None:
             t0 = time.perf_counter()
             batch: list[Group] = []
             epochs: list[int] = []
@@ -67,7 +75,7 @@ async def _steps(run: Run, train_tasks: Sequence[Task], start_step: int, stop: S
             while len(batch) < size:
                 launch()
                 epoch, group = await done.get()
-                s = staleness(group, run.rt.engine.version)
+                s = staleness(group, run.backend.version)
                 if s > bound:
                     dropped.append(s)
                     continue
@@ -75,11 +83,11 @@ async def _steps(run: Run, train_tasks: Sequence[Task], start_step: int, stop: S
                 epochs.append(epoch)
             launch()  # refill now: these rollouts run while the learner steps
             t_sample = time.perf_counter() - t0
-            metrics = await asyncio.to_thread(learn, run, batch)
+            step += 1
+            metrics = await asyncio.to_thread(learn, run, batch, step)
             metrics |= {"time/sample": t_sample, "training/epoch": max(epochs),
                         "async/dropped_stale": float(len(dropped)), "async/in_flight": float(len(in_flight))}
-            step += 1
-            await asyncio.to_thread(end_step, run, step, batch, metrics, t0, stop.received)
+            await asyncio.to_thread(end_step, run, step, batch, metrics, t0)
     finally:
         for t in list(in_flight):
             t.cancel()

@@ -1,10 +1,11 @@
 """Trainer checkpoints for exact resume, and the SIGINT/SIGTERM guard that writes one before exit.
 
-`RUN_DIR/checkpoints/step_NNNNN/` holds
-- `model/`: the policy in Hugging Face format (a full model, or a LoRA adapter naming its base),
-- `trainer_state.pt`: optimizer, LR scheduler, Python/NumPy/torch RNG states, the step, the
-  next data position (the batch order is a pure function of seed and step, see `data.batches`),
-  the sampler's policy version, and the validation reward before RL.
+`RUN_DIR/checkpoints/step_NNNNN/` holds what the training backend's `save_state` writes
+(`LocalBackend`: `model/`, the policy in Hugging Face format, a full model or a LoRA adapter
+naming its base, and `backend_state.pt`, optimizer and policy version), plus
+`trainer_state.pt`: Python/NumPy/torch RNG states, the step, the next data position (the batch
+order is a pure function of seed and step, see `rollout.tasks.batches`) and the validation
+reward before RL. The learning-rate schedule is a function of the step, so it needs no state.
 `checkpoints/latest` names the newest complete one; it is written last, so an interrupted save
 leaves the previous checkpoint in charge.
 """
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from turnwise.policy.checkpoint import is_lora, save_checkpoint
+from turnwise.backends import TrainingBackend
+from turnwise.policy.checkpoint import is_lora
 
 
 def rng_state() -> dict[str, Any]:
@@ -36,12 +38,13 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_trainer_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+def save_trainer_checkpoint(run_dir: Path, step: int, backend: TrainingBackend,
                             trainer_state: dict[str, Any]) -> Path:
     """Write `checkpoints/step_{step}` and point `checkpoints/latest` at it."""
     root = run_dir / "checkpoints"
     path = root / f"step_{step:05d}"
-    save_checkpoint(model, tokenizer, path / "model")
+    path.mkdir(parents=True, exist_ok=True)
+    backend.save_state(path)
     tmp = path / "trainer_state.pt.tmp"
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp)
     os.replace(tmp, path / "trainer_state.pt")

@@ -7,28 +7,10 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from turnwise.config import ConfigError, JobConfig, load_config
+from turnwise.config import ConfigError, add_config_arguments, load_config, load_job_config
 
 if TYPE_CHECKING:
-    from turnwise.train.loop import TrainResult
-
-DEMO_CONFIG = Path("examples") / "support_desk" / "config.yaml"
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help=f"YAML config file (default: ./{DEMO_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set learning_rate=1e-4")
-
-
-def load_job_config(args: argparse.Namespace) -> JobConfig:
-    config = args.config
-    if config is None:
-        if not DEMO_CONFIG.is_file():
-            raise ConfigError(f"no CONFIG given and no demo config at ./{DEMO_CONFIG}; "
-                              "run from the turnwise repository or pass a config file")
-        config = str(DEMO_CONFIG)
-    return load_config(config, args.overrides)
+    from turnwise.train.step import TrainResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,18 +1,29 @@
-"""A training job around the reference loop: run directory, loggers, agent, summary, plots."""
+"""A training job: run directory, loggers, agent, summary, plots; and the choice of loop
+(`loop.train`, synchronous, or `async_loop.train` when `async_config.max_steps_off_policy` > 0)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from turnwise.config import JobConfig
-from turnwise.track import JsonlLogger, MlflowLogger, MultiLogger, default_tracking_uri
-from turnwise.train.dispatch import load_agent
-from turnwise.train.loop import TrainResult, train
+from turnwise.rollout.agent import load_agent
+from turnwise.track import (
+    ConsoleLogger,
+    JsonlLogger,
+    MlflowLogger,
+    MultiLogger,
+    default_tracking_uri,
+    flatten_params,
+)
+from turnwise.train import async_loop, loop
+from turnwise.train.step import TrainResult
 
 
 def new_run_dir(cfg: JobConfig) -> Path:
@@ -30,8 +41,17 @@ def make_logger(cfg: JobConfig, run_dir: Path, run_name: str) -> MultiLogger:
     backends: list = [JsonlLogger(run_dir / "metrics.jsonl")]
     if cfg.tracking.mlflow:
         uri = default_tracking_uri(cfg.output_dir, cfg.tracking.tracking_uri)
-        backends.append(MlflowLogger(uri, cfg.tracking.experiment, run_name))
+        backends.append(MlflowLogger(uri, cfg.tracking.experiment, run_name, traces=cfg.tracking.traces,
+                                     log_checkpoints=cfg.tracking.log_checkpoints))
+    console = cfg.tracking.console
+    if console == "on" or (console == "auto" and not sys.stderr.isatty()):
+        backends.append(ConsoleLogger())
     return MultiLogger(*backends)
+
+
+def select_loop(cfg: JobConfig) -> Callable[..., TrainResult]:
+    """The loop's `train(cfg, agent, run_dir, logger)`: async when `max_steps_off_policy` > 0."""
+    return async_loop.train if cfg.async_config.max_steps_off_policy > 0 else loop.train
 
 
 def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
@@ -41,7 +61,8 @@ def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResu
     run_dir = new_run_dir(cfg) if resume_dir is None else Path(resume_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     logger = make_logger(cfg, run_dir, run_dir.name if resume_dir is None else f"{run_dir.name}-resumed")
-    logger.log_params(flatten(cfg.model_dump(mode="json")) | ({"resumed_from": str(run_dir)} if resume_dir else {}))
+    logger.log_params(flatten_params(cfg.model_dump(mode="json")) | ({"resumed_from": str(run_dir)} if resume_dir else {}))
+    train = select_loop(cfg)
     try:
         result = train(cfg, agent, run_dir, logger)
         curve = plot_reward_curve(run_dir)
@@ -63,24 +84,14 @@ def run_train_checked(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[T
     """`run_train`, with bad input files reported as ConfigError (a message, not a traceback)."""
     from turnwise.config import ConfigError
     from turnwise.policy.load import ModelLoadError
-    from turnwise.train.data import TaskFileError
-    from turnwise.train.dispatch import AgentLoadError
+    from turnwise.rollout.agent import AgentLoadError
+    from turnwise.rollout.tasks import TaskFileError
     from turnwise.train.sft import DemoFileError
 
     try:
         return run_train(cfg, resume_dir)
     except (TaskFileError, AgentLoadError, DemoFileError, ModelLoadError) as e:
         raise ConfigError(str(e)) from None
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def plot_reward_curve(run_dir: Path) -> Path | None:

@@ -26,10 +26,11 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from turnwise.rollout.dispatch import as_groups
+from turnwise.rollout.push import TERMINAL, final_trajectory, push_payload
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
-from turnwise.train.push import TERMINAL, fail_in_progress, final_trajectory, push_payload
-from turnwise.types import Group, RolloutResult, Task, Trajectory, TrajectoryStatus
+from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,32 @@ class WorkerDispatcher:
 
     async def run_groups(self, tasks: Sequence[Task], group_size: int,
                          inference_params: Mapping[str, Any]) -> list[Group]:
-        queue = TaskQueue(self.store, max_attempts=self.max_retries + 1)
         batch = uuid.uuid4().hex[:12]
         ids = [f"{batch}-{i}-{g}" for i in range(len(tasks)) for g in range(group_size)]
+        return as_groups(tasks, group_size, await self._run(
+            [tasks[k // group_size] for k in range(len(ids))], ids, inference_params))
+
+    async def run_one(self, task: Task, inference_params: Mapping[str, Any],
+                      trajectory_id: str | None = None) -> RolloutResult:
+        """One rollout; with `trajectory_id`, that is the task id and its first attempt's trajectory id."""
+        [result] = await self._run([task], [trajectory_id or uuid.uuid4().hex[:12]], inference_params,
+                                   named=trajectory_id is not None)
+        return result
+
+    async def _run(self, tasks: Sequence[Task], ids: Sequence[str], inference_params: Mapping[str, Any],
+                   named: bool = False) -> list[RolloutResult]:
+        queue = TaskQueue(self.store, max_attempts=self.max_retries + 1)
         rows = []
-        for i, task in enumerate(tasks):
+        for task, task_id in zip(tasks, ids, strict=True):
             payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
-                                   endpoint=self.endpoint)
+                                   endpoint=self.endpoint, trajectory_id=task_id if named else None)
             payload["rollout_timeout"] = self.timeout
-            rows += [(ids[i * group_size + g], payload) for g in range(group_size)]
+            rows.append((task_id, payload))
         start = time.perf_counter()
         queue.add(rows)
         finished = await self._wait(queue, ids, start)
-        results = [RolloutResult(task=tasks[k // group_size], trajectory=finished[task_id][0],
-                                 seconds=finished[task_id][1]) for k, task_id in enumerate(ids)]
-        return [Group(task=t, rollouts_G=tuple(results[i * group_size:(i + 1) * group_size]))
-                for i, t in enumerate(tasks)]
+        return [RolloutResult(task=task, trajectory=finished[task_id][0], seconds=finished[task_id][1])
+                for task, task_id in zip(tasks, ids, strict=True)]
 
     async def _wait(self, queue: TaskQueue, ids: Sequence[str], start: float) -> dict[str, tuple[Trajectory, float]]:
         """Poll until every task ended; task id -> (its last attempt's trajectory, seconds)."""
@@ -98,8 +109,8 @@ class WorkerDispatcher:
                     first = ended_at.setdefault(task_id, time.monotonic())
                     if time.monotonic() - first < self.timeout:
                         continue
-                    fail_in_progress(self.store, trajectory.id, f"task {status.value} but its trajectory was "
-                                                                f"never completed ({error or 'no error given'})")
+                    self.store.fail(trajectory.id, FailureKind.NO_REWARD, f"task {status.value} but its trajectory "
+                                    f"was never completed ({error or 'no error given'})")
                     trajectory = final_trajectory(self.store, trajectory.id, self.timeout)
                 finished[task_id] = (trajectory, time.perf_counter() - start)
                 pending.discard(task_id)
@@ -133,7 +144,7 @@ class WorkerDispatcher:
         if trajectory is None:  # never leased (the queue timed out): a failed trajectory records why
             trajectory_id = trajectory_id or f"{task_id}.none"
             self.store.begin(trajectory_id)
-            self.store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error or f"task {status.value}")
+            self.store.fail(trajectory_id, FailureKind.QUEUE_TIMEOUT, error or f"task {status.value}")
             trajectory = self.store.get(trajectory_id)
             assert trajectory is not None
         return trajectory

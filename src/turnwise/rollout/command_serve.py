@@ -40,22 +40,15 @@ def run(args: argparse.Namespace) -> int:
     port = cfg.runtime.port if args.port is None else args.port
     _check_binding(cfg, host)  # before the (slow) model load
 
-    from turnwise.policy.chat import ChatFormat
-    from turnwise.policy.load import load_policy
-    from turnwise.policy.sampler import SamplerEngine
-    from turnwise.runtime.app import create_app
+    from turnwise.rollout.runtime import load_engine, runtime_app
     from turnwise.runtime.server import RuntimeServer
     from turnwise.runtime.store import TrajectoryStore
 
     job_id = args.job or cfg.name
     db = Path(args.db) if args.db else Path(cfg.output_dir) / "serve" / "trajectories.db"
-    model, tokenizer = load_policy(cfg.model)
-    engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size)
+    _, _, chat, engine = load_engine(cfg)
     store = TrajectoryStore(db, job_id=job_id)
-    app = create_app(sampler=engine, chat=ChatFormat(tokenizer, cfg.model.tool_call_format), store=store,
-                     model_name=job_id, default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
-                     max_body_bytes=cfg.runtime.max_body_bytes,
-                     opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback)
+    app = runtime_app(cfg, sampler=engine, chat=chat, store=store, model_name=job_id)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,14 +11,15 @@ the store, until the trajectory is REWARDED or FAILED, within `timeout` of the r
 
 Outcomes of one attempt:
 
-| what happened                                     | recorded                         | retried |
-|---------------------------------------------------|----------------------------------|---------|
-| agent rewarded the trajectory                     | REWARDED                         | no      |
-| agent reported complete-rollout(failed)           | FAILED, the agent's reason       | no      |
-| connection error, HTTP 429 or 5xx, timeout        | FAILED, "...HTTP 500: ...", ...  | yes     |
-| HTTP 4xx (bad key, bad payload)                   | FAILED, "agent server refused"   | no      |
-| answered, but no complete-rollout before timeout  | FAILED, "did not report"         | no      |
-| completed, but no update-reward before timeout    | FAILED in the result (READY in the store) | no |
+| what happened                                     | recorded (failure kind)            | retried |
+|---------------------------------------------------|------------------------------------|---------|
+| agent rewarded the trajectory                     | REWARDED                           | no      |
+| agent reported complete-rollout(failed)           | FAILED, agent_error, its reason    | no      |
+| connection error, HTTP 429 or 5xx                 | FAILED, transport                  | yes     |
+| no answer within the timeout                      | FAILED, timeout                    | yes     |
+| HTTP 4xx (bad key, bad payload)                   | FAILED, transport ("refused")      | no      |
+| answered, but no complete-rollout before timeout  | FAILED, timeout ("did not report") | no      |
+| completed, but no update-reward before timeout    | FAILED, no_reward                  | no      |
 
 A retry is a fresh attempt with a fresh trajectory id; the failed attempt's trajectory stays
 FAILED, so a late call from the abandoned agent gets 409 and cannot be counted.
@@ -27,8 +28,6 @@ FAILED, so a late call from the abandoned agent gets 409 and cannot be counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,8 +36,9 @@ from typing import Any
 import httpx
 
 from turnwise.adapter.feedback import error_message
-from turnwise.runtime.store import TrajectoryStore, TransitionError
-from turnwise.types import Group, RolloutResult, Task, Trajectory, TrajectoryStatus
+from turnwise.rollout.dispatch import as_groups
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory, TrajectoryStatus
 
 TERMINAL = (TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED)
 
@@ -74,22 +74,12 @@ def push_payload(task: Task, inference_params: Mapping[str, Any], *, model: str,
             "inference_params": params, "inferenceParams": dict(params), "model_name": model}
 
 
-def fail_in_progress(store: TrajectoryStore, trajectory_id: str, error: str) -> None:
-    """Seal a trajectory as FAILED unless it already ended (its agent may have just finished)."""
-    t = store.get(trajectory_id, last_turn_only=True)
-    if t is not None and t.status == TrajectoryStatus.IN_PROGRESS:
-        with contextlib.suppress(TransitionError):  # its agent sealed it meanwhile
-            store.complete(trajectory_id, TrajectoryStatus.FAILED, error=error)
-
-
 def final_trajectory(store: TrajectoryStore, trajectory_id: str, waited: float) -> Trajectory:
-    """The stored trajectory; one left READY (completed, never rewarded) is reported as FAILED."""
+    """The stored trajectory; one left READY (completed, never rewarded) is failed as no_reward."""
+    store.fail(trajectory_id, FailureKind.NO_REWARD,
+               f"the agent completed the rollout but sent no update-reward within {waited:g}s")
     t = store.get(trajectory_id)
     assert t is not None, trajectory_id
-    if t.status == TrajectoryStatus.READY:
-        return dataclasses.replace(t, status=TrajectoryStatus.FAILED,
-                                   error=f"the agent completed the rollout but sent no update-reward "
-                                         f"within {waited:g}s")
     return t
 
 
@@ -126,16 +116,24 @@ class PushDispatcher:
 
     async def run_groups(self, tasks: Sequence[Task], group_size: int,
                          inference_params: Mapping[str, Any]) -> list[Group]:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        async with httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits,
-                                     timeout=httpx.Timeout(None, connect=10.0)) as http:
+        async with self._client() as http:
             await self.check_health(http)
             limit = asyncio.Semaphore(self.concurrency)
             results = await asyncio.gather(*(self._run_one(http, limit, task, inference_params)
                                              for task in tasks for _ in range(group_size)))
-        return [Group(task=t, rollouts_G=tuple(results[i * group_size:(i + 1) * group_size]))
-                for i, t in enumerate(tasks)]
+        return as_groups(tasks, group_size, results)
+
+    async def run_one(self, task: Task, inference_params: Mapping[str, Any],
+                      trajectory_id: str | None = None) -> RolloutResult:
+        async with self._client() as http:
+            await self.check_health(http)
+            return await self._run_one(http, asyncio.Semaphore(1), task, inference_params, trajectory_id)
+
+    def _client(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(None, connect=10.0))
 
     async def check_health(self, http: httpx.AsyncClient) -> None:
         """`GET /health` until 200, for up to `health_timeout` seconds; else AgentUnavailable."""
@@ -154,42 +152,44 @@ class PushDispatcher:
             await asyncio.sleep(0.2)
 
     async def _run_one(self, http: httpx.AsyncClient, limit: asyncio.Semaphore, task: Task,
-                       inference_params: Mapping[str, Any]) -> RolloutResult:
+                       inference_params: Mapping[str, Any], first_id: str | None = None) -> RolloutResult:
         async with limit:
             start = time.perf_counter()
             attempts = self.max_retries + 1
             for attempt in range(1, attempts + 1):
-                trajectory_id = f"traj-{uuid.uuid4().hex}"
+                trajectory_id = first_id if attempt == 1 and first_id else f"traj-{uuid.uuid4().hex}"
                 self.store.begin(trajectory_id)
                 payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
                                        trajectory_id=trajectory_id, endpoint=self.endpoint)
-                error, retry = await self._attempt(http, payload, trajectory_id)
-                if error is not None:
-                    fail_in_progress(self.store, trajectory_id, f"{error} (attempt {attempt} of {attempts})")
-                if error is None or not retry:
+                failure, error, retry = await self._attempt(http, payload, trajectory_id)
+                if failure is not None:
+                    self.store.fail(trajectory_id, failure, f"{error} (attempt {attempt} of {attempts})")
+                if failure is None or not retry:
                     break
             return RolloutResult(task=task, trajectory=final_trajectory(self.store, trajectory_id, self.timeout),
-                                 seconds=time.perf_counter() - start)
+                                 seconds=time.perf_counter() - start, retries=attempt - 1)
 
     async def _attempt(self, http: httpx.AsyncClient, payload: dict[str, Any],
-                       trajectory_id: str) -> tuple[str | None, bool]:
-        """(why the attempt failed or None, whether to retry)."""
+                       trajectory_id: str) -> tuple[FailureKind | None, str | None, bool]:
+        """(failure kind or None, why, whether to retry)."""
         deadline = time.monotonic() + self.timeout
         try:
             r = await asyncio.wait_for(http.post("/rollout", json=payload), self.timeout)
         except TimeoutError:
-            return f"rollout timed out after {self.timeout:g}s", True
+            return FailureKind.AGENT_TIMEOUT, f"rollout timed out after {self.timeout:g}s", True
         except httpx.HTTPError as e:
-            return f"agent server {self.url} unreachable: {type(e).__name__}: {e}", True
+            return FailureKind.TRANSPORT, f"agent server {self.url} unreachable: {type(e).__name__}: {e}", True
         if r.status_code == 429 or r.status_code >= 500:
-            return f"agent server answered HTTP {r.status_code}: {error_message(r)}", True
+            return FailureKind.TRANSPORT, f"agent server answered HTTP {r.status_code}: {error_message(r)}", True
         if r.status_code >= 400:
-            return f"agent server refused the rollout: HTTP {r.status_code}: {error_message(r)}", False
+            return (FailureKind.TRANSPORT, f"agent server refused the rollout: HTTP {r.status_code}: "
+                                           f"{error_message(r)}", False)
         if await wait_terminal(self.store, trajectory_id, deadline) is None:
             t = self.store.get(trajectory_id, last_turn_only=True)
             if t is not None and t.status == TrajectoryStatus.IN_PROGRESS:
                 if r.status_code == 202:  # accepted, running in the background: a timeout
-                    return f"rollout timed out after {self.timeout:g}s (accepted, never reported)", True
-                return (f"the agent answered HTTP {r.status_code} but did not report complete-rollout "
-                        f"within {self.timeout:g}s"), False
-        return None, False
+                    return (FailureKind.AGENT_TIMEOUT,
+                            f"rollout timed out after {self.timeout:g}s (accepted, never reported)", True)
+                return (FailureKind.AGENT_TIMEOUT, f"the agent answered HTTP {r.status_code} but did not "
+                        f"report complete-rollout within {self.timeout:g}s", False)
+        return None, None, False

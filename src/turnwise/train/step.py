@@ -1,0 +1,295 @@
+"""The pieces of a training step, shared by the synchronous loop (`loop.py`) and the asynchronous
+one (`async_loop.py`): opening a run (warm start or resume), scoring, optimizing, logging,
+validating, checkpointing. The loops only schedule these.
+
+Learning rate at RL optimizer step n (0-based over all substeps; W = `lr_warmup_steps`,
+N = all RL optimizer steps) is `learning_rate * lr_lambda(lr_schedule, W, N)(n)`, passed to
+`optim_step` each time (Tinker's contract: the caller owns the schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from turnwise.algo.passk import mean_pass_at_k
+from turnwise.config import JobConfig
+from turnwise.policy.checkpoint import apply_lora, save_checkpoint
+from turnwise.rollout.agent import AgentFn
+from turnwise.rollout.dispatch import RolloutDispatcher
+from turnwise.rollout.runtime import EmbeddedRuntime
+from turnwise.rollout.tasks import load_tasks
+from turnwise.track import Logger
+from turnwise.train.backend import LocalBackend, lr_lambda
+from turnwise.train.checkpoint import (
+    StopSignals,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng,
+    save_trainer_checkpoint,
+)
+from turnwise.train.datums import usable
+from turnwise.train.metrics import apply_failure_policy, rollout_metrics, staleness
+from turnwise.train.progress import Progress
+from turnwise.train.sft import demo_to_datum, load_demos
+from turnwise.types import AdamParams, Datum, Group, Task
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps: int
+    val_reward_before_rl: float | None
+    val_reward_after_rl: float | None
+    wall_seconds: float
+    start_step: int = 0
+    """Steps already done by the checkpoint this run resumed from (0: a fresh run)."""
+    interrupted: bool = False
+    """Stopped by SIGINT/SIGTERM after checkpointing step `steps`."""
+
+
+@dataclass
+class Run:
+    """What every step needs: the runtime, training backend, dispatcher, logging, progress."""
+
+    cfg: JobConfig
+    rt: EmbeddedRuntime
+    backend: LocalBackend
+    dispatcher: RolloutDispatcher
+    logger: Logger
+    run_dir: Path
+    progress: Progress
+    stop: StopSignals
+    train_tasks: Sequence[Task]
+    val_tasks: Sequence[Task]
+    total_steps: int
+    start_step: int = 0
+    val_before: float | None = None
+    started: float = 0.0
+
+
+@contextlib.contextmanager
+def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) -> Iterator[Run | None]:
+    """The runtime and backend of a run, after step 0 (warm start) of a fresh run, or restored from
+    the latest checkpoint of `run_dir`. Yields None when a stop signal ended the warm start."""
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    train_tasks = load_tasks(cfg.data.train_path) if cfg.data.train_path else []
+    val_tasks = load_tasks(cfg.data.val_path) if cfg.data.val_path else []
+    if not train_tasks:
+        raise ValueError("data.train_path is required for training")
+    per_epoch = max(1, len(train_tasks) // cfg.global_batch_size)
+    total_steps = min(cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.max_epochs,
+                      per_epoch * cfg.max_epochs)
+    resume = latest_checkpoint(run_dir)
+    warm_dir = run_dir / "checkpoints" / "warm_start"
+    base = str(warm_dir) if resume is not None and warm_dir.is_dir() else None
+    with EmbeddedRuntime(cfg, run_dir, job_id=run_dir.name, model_path=base) as rt, StopSignals() as stop:
+        progress = Progress(total_steps, enabled=cfg.tracking.progress)
+        try:
+            # 0. warm start (fresh runs only), then LoRA adapters
+            if resume is None and cfg.warm_start.demos_path and cfg.warm_start.epochs > 0:
+                if not warm_start(cfg, rt, logger, progress, stop):  # a signal: nothing to resume yet
+                    yield None
+                    return
+                save_checkpoint(rt.model, rt.tokenizer, warm_dir)
+                logger.log_checkpoint(warm_dir, "warm_start")
+            model = rt.model
+            if cfg.lora_rank > 0:
+                model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+                if warm_dir.is_dir():  # saved adapters name the warm start as their base
+                    model.peft_config["default"].base_model_name_or_path = str(warm_dir)
+            backend = LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
+                                   temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0)
+            run = Run(cfg, rt, backend, rt.dispatcher(agent), logger, run_dir, progress, stop, train_tasks,
+                      val_tasks, total_steps, started=started)
+            if resume is not None:
+                backend.load_state(resume)
+                state = load_trainer_state(resume)
+                run.start_step, run.val_before = state["step"], state["val_before"]
+            backend.save_weights_for_sampler()
+            if resume is None:
+                run.val_before = validate(run, step=0)
+            else:
+                restore_rng(state["rng"])
+            progress.start_rl(run.start_step)
+            yield run
+        finally:
+            progress.close()
+
+
+def interrupted_before_rl(run_dir: Path, started: float) -> TrainResult:
+    return TrainResult(run_dir=run_dir, steps=0, val_reward_before_rl=None, val_reward_after_rl=None,
+                       wall_seconds=time.perf_counter() - started, interrupted=True)
+
+
+def score(run: Run, groups: Sequence[Group]) -> tuple[list[Group], dict[str, float]]:
+    """Step 2: the failure policy decides which groups train; rollout and staleness metrics."""
+    kept, metrics = apply_failure_policy(groups, run.cfg.incomplete_groups)
+    stale = [staleness(g, run.backend.version) for g in kept]  # versions behind the weights that train
+    return kept, metrics | rollout_metrics(groups, run.cfg.success_threshold) | {
+        "async/staleness/mean": float(np.mean(stale)) if stale else 0.0,
+        "async/staleness/max": float(max(stale, default=0))}
+
+
+def optimize(run: Run, datums_D: Sequence[Datum], step: int) -> dict[str, float]:
+    """Step 5: `num_substeps` x (`forward_backward`, `optim_step`) on the step's datums."""
+    cfg = run.cfg
+    metrics: dict[str, float] = {}
+    schedule = lr_lambda(cfg.lr_schedule, cfg.lr_warmup_steps, run.total_steps * cfg.num_substeps)
+    datums_D = list(datums_D)
+    if cfg.tis_cap is not None and cfg.num_substeps > 1:  # TIS compares with the pre-update trainer
+        datums_D = run.backend.with_trainer_logprobs(datums_D)
+    for k in range(cfg.num_substeps):
+        n = (step - 1) * cfg.num_substeps + k
+        metrics = run.backend.forward_backward(datums_D, cfg.loss_fn, cfg.loss_options())
+        metrics |= run.backend.optim_step(adam_params(cfg, cfg.learning_rate * schedule(n)))
+    tokens = sum(len(d.segment.tokens_T) for d in datums_D) * cfg.num_substeps
+    return metrics | {"training/total_tokens": float(tokens)}
+
+
+def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
+    """Steps 2-6 on sampled groups (what the async loop runs in a worker thread)."""
+    from turnwise.train.datums import groups_to_datums
+
+    t1 = time.perf_counter()
+    kept, metrics = score(run, groups)
+    datums, adv_metrics = groups_to_datums(kept, run.cfg.advantage_method, run.cfg.advantage_options())
+    metrics |= adv_metrics | train_counts(kept) | {"training/total_tokens": 0.0}
+    if datums:
+        metrics |= optimize(run, datums, step)
+        metrics["training/policy_version"] = float(run.backend.save_weights_for_sampler())
+    return metrics | {"time/train": time.perf_counter() - t1}
+
+
+def train_counts(kept: Sequence[Group]) -> dict[str, float]:
+    return {"training/num_trajectories": float(sum(usable(r) for g in kept for r in g.rollouts_G))}
+
+
+def adam_params(cfg: JobConfig, learning_rate: float) -> AdamParams:
+    return AdamParams(learning_rate=learning_rate, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+                      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+
+
+def end_step(run: Run, step: int, groups: Sequence[Group], metrics: dict[str, float], t0: float) -> None:
+    """Step 7: metrics, rollouts (JSONL, traces), progress, validation, checkpoint."""
+    cfg = run.cfg
+    metrics.setdefault("async/dropped_stale", 0.0)
+    metrics["time/step"] = time.perf_counter() - t0
+    metrics["throughput/tokens_per_s"] = (metrics.get("usage/sample_tokens", 0.0)
+                                          + metrics.get("training/total_tokens", 0.0)) / max(metrics["time/step"], 1e-9)
+    run.logger.log_metrics(metrics, step)
+    path = write_rollouts(run.run_dir / "rollouts" / f"step_{step:05d}.jsonl", groups)
+    run.logger.log_artifact(path, "rollouts")
+    run.logger.log_rollouts(step, groups)
+    run.progress.update(step, metrics.get("rollout/reward/mean", 0.0), metrics.get("rollout/pass_rate", 0.0))
+    if cfg.val_every and step % cfg.val_every == 0 and step < run.total_steps:
+        validate(run, step)
+    if (cfg.save_every and step % cfg.save_every == 0) or run.stop.received is not None:
+        save_state(run, step)
+
+
+def finish(run: Run, step: int) -> TrainResult:
+    """After the last step: final validation, checkpoint and exported model (unless interrupted)."""
+    cfg = run.cfg
+    interrupted = run.stop.received is not None and step < run.total_steps
+    val_after = None
+    if not interrupted:
+        val_after = validate(run, step) if step > run.start_step else run.val_before
+        if step > run.start_step and not (cfg.save_every and step % cfg.save_every == 0):
+            save_state(run, step)
+        final = run.run_dir / "checkpoints" / "final"
+        save_checkpoint(run.backend.model, run.rt.tokenizer, final, merged=True)
+        run.logger.log_checkpoint(final, "final")
+    return TrainResult(run_dir=run.run_dir, steps=step, val_reward_before_rl=run.val_before,
+                       val_reward_after_rl=val_after, wall_seconds=time.perf_counter() - run.started,
+                       start_step=run.start_step, interrupted=interrupted)
+
+
+def save_state(run: Run, step: int) -> Path:
+    path = save_trainer_checkpoint(run.run_dir, step, run.backend,
+                                   {"val_before": run.val_before, "next_data_step": step})
+    run.logger.log_checkpoint(path / "model", path.name)
+    return path
+
+
+def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Progress,
+               stop: StopSignals) -> bool:
+    """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens), with
+    its own optimizer. False when a stop signal ended it early (after the batch in progress)."""
+    demos = load_demos(cfg.warm_start.demos_path)  # type: ignore[arg-type]
+    datums = [demo_to_datum(rt.chat, msgs, tools, f"demo-{i}") for i, (msgs, tools) in enumerate(demos)]
+    rng = random.Random(cfg.seed)
+    ws = cfg.warm_start
+    n_batches = ws.epochs * max(1, len(datums) // ws.batch_size)
+    backend = LocalBackend(rt.model, None, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
+                           temperature=1.0)
+    options = dataclasses.replace(cfg.loss_options(), loss_agg_mode="token-mean", kl_coef=0.0, tis_cap=None)
+    schedule = lr_lambda(ws.lr_schedule, ws.warmup_steps, n_batches)
+    progress.start_warm_start(n_batches)
+    k = 0
+    for _ in range(ws.epochs):
+        rng.shuffle(datums)
+        for start in range(0, max(1, len(datums) - ws.batch_size + 1), ws.batch_size):
+            metrics = backend.forward_backward(datums[start:start + ws.batch_size], "cross_entropy", options)
+            metrics |= backend.optim_step(adam_params(cfg, ws.learning_rate * schedule(k)))
+            k += 1
+            logger.log_metrics({f"warm_start/{k_.split('/')[-1]}": v for k_, v in metrics.items()}, k)
+            progress.update_warm_start(k, metrics.get("loss/value", 0.0))
+            if stop.received:
+                return False
+    return True
+
+
+def validate(run: Run, step: int) -> float | None:
+    """Temperature-0 rollouts on the validation set: `val/reward/mean` and `val/reward/pass_at_{k}`."""
+    cfg, tasks = run.cfg, run.val_tasks
+    if not tasks:
+        return None
+    groups = run.rt.run(run.dispatcher.run_groups(tasks, cfg.val_group_size, cfg.inference_params(greedy=True)))
+    metrics = validation_metrics(cfg, groups)
+    run.logger.log_metrics(metrics, step)
+    return metrics["val/reward/mean"]
+
+
+def validation_metrics(cfg: JobConfig, groups: Sequence[Group]) -> dict[str, float]:
+    rewards = [r.trajectory.reward if usable(r) else 0.0 for g in groups for r in g.rollouts_G]
+    metrics = {"val/reward/mean": float(np.mean(rewards))}
+    successes = [sum(usable(r) and r.trajectory.reward >= cfg.success_threshold for r in g.rollouts_G)
+                 for g in groups]
+    for k in cfg.pass_k_values:
+        if k <= cfg.val_group_size:
+            metrics[f"val/reward/pass_at_{k}"] = mean_pass_at_k(successes, cfg.val_group_size, k)
+    return metrics
+
+
+def write_rollouts(path: Path, groups: Sequence[Group]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for g in groups:
+            for r in g.rollouts_G:
+                traj = r.trajectory
+                last = traj.turns[-1] if traj.turns else None
+                messages = ([m.to_openai() for m in last.request_messages] + [last.message.to_openai()]
+                            if last else [])
+                f.write(json.dumps({"task_id": g.task.id, "trajectory_id": traj.id, "status": traj.status.value,
+                                    "rewards": list(traj.rewards), "error": traj.error,
+                                    "failure": traj.failure.value if traj.failure else None,
+                                    "turns": len(traj.turns), "versions": [t.version for t in traj.turns],
+                                    "metrics": dict(r.metrics), "messages": messages}) + "\n")
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
