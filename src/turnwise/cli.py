@@ -11,7 +11,7 @@ from turnwise.config import ConfigError
 
 # name -> (module, one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("turnwise.train.command_demo", "train the default demo and show what it learned"),
+    "demo": ("turnwise.demo", "train the default demo and show what it learned"),
     "train": ("turnwise.train.command", "train an agent with RL (no CONFIG: the demo's config)"),
     "show": ("turnwise.train.command_show", "print a training step's trajectories (roles, tool calls, rewards)"),
     "eval": ("turnwise.eval.command", "evaluate a model on held-out tasks: pass@k, pass^k, exact match, gate"),

@@ -41,9 +41,7 @@ def gate_lines(checks: Sequence[GateCheck]) -> list[str]:
 
 def render_table(result: EvalResult | ComparisonResult) -> str:
     """The terminal table of one evaluation, or of a comparison (A, B, B - A and its interval)."""
-    from turnwise.eval.job import ComparisonResult
-
-    if isinstance(result, ComparisonResult):
+    if hasattr(result, "deltas"):  # a ComparisonResult
         return render_comparison(result.a.label, result.b.label, result.deltas, result.confidence,
                                  _caption(result.b), result.gate)
     lines = _grid(["metric", result.label], [[m, fmt(result.metrics[m])] for m in ordered(result.metrics)])

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from turnwise.rollout.dispatch import as_groups
+from turnwise.rollout.base import as_groups
 from turnwise.rollout.push import TERMINAL, final_trajectory, push_payload
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from turnwise.adapter.feedback import error_message
-from turnwise.rollout.dispatch import as_groups
+from turnwise.rollout.base import as_groups
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory, TrajectoryStatus
 

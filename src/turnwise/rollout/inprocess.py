@@ -1,0 +1,88 @@
+"""The in-process dispatcher (`agent.kind: python`): an async agent function in this process.
+
+It runs the agent (`rollout.agent.run_agent`), checks its rewards against the recorded
+trajectory, then reports complete-rollout and update-reward over HTTP, the same path an external
+agent takes, and reads the recorded trajectory back. A rollout that fails is FAILED in the store
+with its `FailureKind` and message; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from turnwise.adapter.context import RolloutContext
+from turnwise.adapter.feedback import FeedbackClient
+from turnwise.rollout.agent import NO_MODEL_CALL, AgentFn, run_agent
+from turnwise.rollout.base import as_groups
+from turnwise.runtime.store import TrajectoryStore
+from turnwise.types import FailureKind, Group, RolloutResult, Task
+
+
+class InProcessDispatcher:
+    """Runs rollouts of one in-process agent against one runtime server."""
+
+    def __init__(self, agent: AgentFn, *, base_url: str, model: str, store: TrajectoryStore,
+                 concurrency: int, timeout: float, api_key: str | None = None,
+                 require_model_call: bool = True) -> None:
+        self.agent = agent
+        self.require_model_call = require_model_call
+        """False for verify's oracle and null agents, which may answer without the model."""
+        self.base_url = base_url
+        self.model = model
+        self.store = store
+        self.timeout = timeout
+        self.api_key = api_key
+        self.limit = asyncio.Semaphore(concurrency)
+
+    async def run_groups(self, tasks: Sequence[Task], group_size: int,
+                         inference_params: Mapping[str, Any]) -> list[Group]:
+        async with FeedbackClient(self.base_url, api_key=self.api_key) as feedback:
+            results = await asyncio.gather(*(self._run_one(task, inference_params, None, feedback)
+                                             for task in tasks for _ in range(group_size)))
+        return as_groups(tasks, group_size, results)
+
+    async def run_one(self, task: Task, inference_params: Mapping[str, Any],
+                      trajectory_id: str | None = None) -> RolloutResult:
+        async with FeedbackClient(self.base_url, api_key=self.api_key) as feedback:
+            return await self._run_one(task, inference_params, trajectory_id, feedback)
+
+    async def _run_one(self, task: Task, inference_params: Mapping[str, Any], trajectory_id: str | None,
+                       feedback: FeedbackClient) -> RolloutResult:
+        async with self.limit:
+            ctx = RolloutContext(trajectory_id=trajectory_id or f"traj-{uuid.uuid4().hex}",
+                                 base_url=self.base_url, model=self.model,
+                                 inference_params=dict(inference_params), api_key=self.api_key)
+            self.store.begin(ctx.trajectory_id)
+            start = time.perf_counter()
+            run = await run_agent(self.agent, task, ctx, self.timeout)
+            seconds = time.perf_counter() - start
+            failure, error = run.failure, run.error
+            if run.result is not None:
+                failure, error = check_rewards(self.store, ctx.trajectory_id, run.result.rewards,
+                                               self.require_model_call)
+            if failure is None and run.result is not None:
+                await feedback.complete_rollout(ctx.trajectory_id, "ready")
+                await feedback.update_reward(ctx.trajectory_id, list(run.result.rewards))
+            if failure is not None:
+                self.store.fail(ctx.trajectory_id, failure, error or failure.value)
+            return RolloutResult(task=task, trajectory=self.store.get(ctx.trajectory_id), seconds=seconds,
+                                 metrics=dict(run.result.metrics) if run.result else {},
+                                 state=run.result.state if run.result else None)
+
+
+def check_rewards(store: TrajectoryStore, trajectory_id: str, rewards: Sequence[float],
+                  require_model_call: bool = True) -> tuple[FailureKind | None, str | None]:
+    """Whether an agent's rewards fit its recorded trajectory: a model call (when required), and
+    one reward or one per turn."""
+    last = store.get(trajectory_id, last_turn_only=True)
+    n_turns = last.turns[-1].index + 1 if last is not None and last.turns else 0
+    if n_turns == 0 and require_model_call:
+        return FailureKind.NO_MODEL_CALL, NO_MODEL_CALL
+    if len(rewards) not in (1, max(n_turns, 1)):
+        return FailureKind.BAD_REWARD, (f"agent returned {len(rewards)} rewards for a trajectory of {n_turns} "
+                                        f"turns: return one value or one per turn")
+    return None, None
