@@ -52,6 +52,11 @@ def test_two_steps_record_trajectories_and_change_weights(tmp_path: Path, monkey
     for name in ("rollout/reward/mean", "rollout/turns/mean", "val/reward/mean", "training/total_tokens",
                  "loss/clip_frac", "mismatch/logprob_abs_diff/max", "usage/sample_tokens", "time/step"):
         assert name in keys, name
+    # every logged name is in the one table of metric names, and no alias is logged
+    from turnwise.track.names import reduction
+
+    assert not [k for k in keys - {"step"} if reduction(k) is None]
+    assert not keys & {"loss/kl", "mismatch/logprob_abs_diff/mean", "usage/train_tokens"}
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])

@@ -7,6 +7,7 @@ import pytest
 from turnwise.train.backend import lr_lambda
 from turnwise.train.metrics import apply_failure_policy, rollout_metrics, staleness
 from turnwise.types import (
+    FailureKind,
     FinishReason,
     Group,
     Message,
@@ -18,19 +19,22 @@ from turnwise.types import (
 )
 
 
-def rollout(task: Task, ok: bool = True, error: str | None = None, version: int = 3, **metrics: float):
+def rollout(task: Task, ok: bool = True, error: str | None = None, version: int = 3,
+            failure: FailureKind | None = None, **metrics: float):
     turn = Turn(index=0, prompt_ids=(1, 2), completion_ids=(3, 4), logprobs=(-0.1, -0.2), version=version,
                 finish_reason=FinishReason.STOP, message=Message(role="assistant", content="hi"))
     status = TrajectoryStatus.REWARDED if ok else TrajectoryStatus.FAILED
     traj = Trajectory(id=f"{task.id}-{id(turn)}", job_id="j", status=status, turns=(turn,),
-                      rewards=(1.0,) if ok else (), error=error)
+                      rewards=(1.0,) if ok else (), error=error,
+                      failure=None if ok else failure or FailureKind.AGENT_ERROR)
     return RolloutResult(task=task, trajectory=traj, seconds=0.1, metrics=metrics)
 
 
 def groups():
     a, b, c = Task("a", {}), Task("b", {}), Task("c", {})
     return [Group(a, (rollout(a), rollout(a))),
-            Group(b, (rollout(b), rollout(b, ok=False, error="rollout timed out after 5s"))),
+            Group(b, (rollout(b), rollout(b, ok=False, error="rollout timed out after 5s",
+                                                      failure=FailureKind.AGENT_TIMEOUT))),
             Group(c, (rollout(c, ok=False, error="ValueError: x"), rollout(c, ok=False, error="boom")))]
 
 
@@ -39,6 +43,7 @@ def test_failure_policy_counts_every_decision(policy, kept):
     out, m = apply_failure_policy(groups(), policy)
     assert [g.task.id for g in out] == kept
     assert m["rollout/failed"] == 3 and m["rollout/timeouts"] == 1 and m["rollout/failed_frac"] == 0.5
+    assert m["rollout/failed/timeout"] == 1 and m["rollout/failed/agent_error"] == 2
     assert m["groups/incomplete"] == 1 and m["groups/dropped_empty"] == 1
     assert m["groups/dropped_incomplete"] == (1 if policy == "drop" else 0)
 

@@ -220,6 +220,25 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class TurnView:
+    """One model call as an evaluation saw it: the embedded runtime (from its recorded turn) or an
+    external endpoint (from the exchange, without token ids)."""
+
+    request_messages: tuple[Message, ...]
+    """Messages the agent sent."""
+    message: Message
+    """The assistant message returned."""
+    finish_reason: str
+    """stop | length | tool_calls (endpoint)."""
+    completion_tokens: int
+    """Sampled tokens."""
+    prompt_tokens: int
+    """Prompt tokens (the full prompt, reused prefix included)."""
+    tool_parse_error: bool = False
+    """The completion looked like a tool call that could not be parsed."""
+
+
+@dataclass(frozen=True)
 class Trajectory:
     """One rollout: every turn of one agent run on one task, plus its outcome."""
 

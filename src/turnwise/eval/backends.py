@@ -1,34 +1,30 @@
 """Where the evaluated model runs: in process (a local HF dir, through the runtime server) or
-behind any OpenAI-compatible endpoint.
+behind any OpenAI-compatible endpoint (through a proxy runtime).
 
-Embedded: the same `EmbeddedRuntime` and dispatchers as training (every `agent.kind`), so every
-turn is recorded token-exactly in `trajectories.db`. Endpoint: no token ids; the client handed to the agent
-records each `/chat/completions` exchange (request messages, reply, finish reason, usage)
-through httpx response hooks. Streaming calls are not recorded. Both run one task's trials at a
-time (`run_task`) so that the caller can save each task as soon as it is done.
+Both run the job's agent of any `agent.kind` through the same dispatchers as training.
+Embedded: every turn is recorded token-exactly in `trajectories.db`. Endpoint: the agents talk
+to a local runtime whose chat route forwards to the endpoint (`rollout.proxy`); each exchange is
+recorded as a `TurnView` (conversation, finish reason, usage; no token ids). Both run one task's
+trials at a time (`run_task`) so that the caller can save each task as soon as it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import time
-import uuid
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import openai
 
-from turnwise.adapter.context import RolloutContext
 from turnwise.config import JobConfig
-from turnwise.eval.records import TurnView, turns_from_trajectory
-from turnwise.rollout.agent import NO_MODEL_CALL, AgentFn, run_agent
+from turnwise.eval.records import turns_from_trajectory
+from turnwise.rollout.agent import AgentFn
+from turnwise.rollout.dispatch import RolloutDispatcher, make_dispatcher
 from turnwise.rollout.runtime import EmbeddedRuntime, run_cancelling
-from turnwise.types import FailureKind, TrajectoryStatus, as_messages
+from turnwise.types import FailureKind, RolloutResult, Task, TrajectoryStatus, TurnView
 
 T = TypeVar("T")
 
@@ -44,6 +40,20 @@ class Trial:
     agent_reward: float | None
     agent_metrics: Mapping[str, float]
     seconds: float
+
+
+async def run_trials(dispatcher: RolloutDispatcher, task: Task, group_size: int, params: Mapping[str, Any],
+                     turns_of: Callable[[RolloutResult], list[TurnView]]) -> list[Trial]:
+    [group] = await dispatcher.run_groups([task], group_size, params)
+    out = []
+    for r in group.rollouts_G:
+        traj = r.trajectory
+        rewarded = traj.status == TrajectoryStatus.REWARDED
+        out.append(Trial(trajectory_id=traj.id, turns=turns_of(r), error=traj.error,
+                         failure=None if rewarded else traj.failure or FailureKind.AGENT_ERROR,
+                         agent_reward=traj.reward if rewarded else None, agent_metrics=dict(r.metrics),
+                         seconds=r.seconds))
+    return out
 
 
 class EmbeddedBackend:
@@ -64,69 +74,51 @@ class EmbeddedBackend:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return run_cancelling(self.runtime.loop, coro)
 
-    async def run_task(self, task: Any, group_size: int, params: Mapping[str, Any]) -> list[Trial]:
-        [group] = await self.dispatcher.run_groups([task], group_size, params)
-        out = []
-        for r in group.rollouts_G:
-            traj = r.trajectory
-            rewarded = traj.status == TrajectoryStatus.REWARDED
-            out.append(Trial(trajectory_id=traj.id, turns=turns_from_trajectory(traj), error=traj.error,
-                             failure=traj.failure, agent_reward=traj.reward if rewarded else None,
-                             agent_metrics=dict(r.metrics),
-                             seconds=r.seconds))
-        return out
-
-
-@dataclass
-class _Recorder:
-    """Collects the chat-completion exchanges of one rollout."""
-
-    turns: list[TurnView] = field(default_factory=list)
-
-    async def on_response(self, response: httpx.Response) -> None:
-        if not response.request.url.path.endswith("/chat/completions") or response.status_code != 200:
-            return
-        await response.aread()
-        try:
-            body = json.loads(response.request.content)
-            data = response.json()
-            choice = data["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return  # a streaming or unusual reply: not recorded
-        usage = data.get("usage") or {}
-        [message] = as_messages([{**choice["message"], "role": "assistant"}])
-        self.turns.append(TurnView(
-            request_messages=as_messages(body.get("messages") or []), message=message,
-            finish_reason=str(choice.get("finish_reason") or "stop"),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0)))
+    async def run_task(self, task: Task, group_size: int, params: Mapping[str, Any]) -> list[Trial]:
+        return await run_trials(self.dispatcher, task, group_size, params,
+                                lambda r: turns_from_trajectory(r.trajectory))
 
 
 class EndpointBackend:
     """Any OpenAI-compatible endpoint; the API key comes from $OPENAI_API_KEY when set."""
 
-    def __init__(self, cfg: JobConfig, url: str, agent: AgentFn, model: str | None = None) -> None:
+    def __init__(self, cfg: JobConfig, url: str, out_dir: Path, agent: AgentFn | None,
+                 model: str | None = None) -> None:
         url = url.rstrip("/")
-        self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url  # RolloutContext adds /v1
+        self.url = url[: -len("/v1")] if url.endswith("/v1") else url
         self.api_key = os.environ.get("OPENAI_API_KEY") or "turnwise"
+        self.cfg = cfg
+        self.out_dir = out_dir
         self.model = model
         self.agent = agent
-        self.timeout = cfg.agent.rollout_timeout
         self.loop = asyncio.new_event_loop()
 
     def __enter__(self) -> EndpointBackend:
+        from turnwise.rollout.proxy import Recorder, proxy_app
+        from turnwise.runtime.server import RuntimeServer
+        from turnwise.runtime.store import TrajectoryStore
+
         if self.model is None:
             self.model = self._first_model()
+        self.recorder = Recorder()
+        self.store = TrajectoryStore(self.out_dir / "trajectories.db", job_id=self.out_dir.name)
+        app = proxy_app(self.cfg, upstream=self.url, api_key=self.api_key, store=self.store,
+                        model_name=self.model, recorder=self.recorder)
+        self.server = RuntimeServer(app, host=self.cfg.runtime.host, port=self.cfg.runtime.port).start()
+        api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
+        self.dispatcher = make_dispatcher(self.cfg.agent, self.agent, base_url=self.server.base_url,
+                                          model=self.model, store=self.store, api_key=api_key)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.store.close()
         self.loop.close()
 
     def _first_model(self) -> str:
         """The first model the endpoint lists; 'default' when it lists none."""
         try:
-            r = httpx.get(self.base_url + "/v1/models", headers={"Authorization": f"Bearer {self.api_key}"},
-                          timeout=10)
+            r = httpx.get(self.url + "/v1/models", headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10)
             return str(r.json()["data"][0]["id"])
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return "default"
@@ -134,22 +126,6 @@ class EndpointBackend:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return run_cancelling(self.loop, coro)
 
-    async def run_task(self, task: Any, group_size: int, params: Mapping[str, Any]) -> list[Trial]:
-        return list(await asyncio.gather(*(self._one(task, params) for _ in range(group_size))))
-
-    async def _one(self, task: Any, params: Mapping[str, Any]) -> Trial:
-        ctx = RolloutContext(trajectory_id=f"traj-{uuid.uuid4().hex}", base_url=self.base_url,
-                             model=str(self.model), inference_params=dict(params), api_key=self.api_key)
-        recorder = _Recorder()
-        client = ctx.async_openai(http_client=openai.DefaultAsyncHttpxClient(
-            event_hooks={"response": [recorder.on_response]}))
-        start = time.perf_counter()
-        run = await run_agent(self.agent, task, ctx, self.timeout, client=client)
-        failure, error = run.failure, run.error
-        if run.result is not None and not recorder.turns:
-            failure, error = FailureKind.NO_MODEL_CALL, NO_MODEL_CALL
-        return Trial(trajectory_id=ctx.trajectory_id, turns=recorder.turns, error=error, failure=failure,
-                     agent_reward=sum(run.result.rewards) if run.result and failure is None else None,
-                     agent_metrics=dict(run.result.metrics) if run.result else {},
-                     seconds=time.perf_counter() - start)
-
+    async def run_task(self, task: Task, group_size: int, params: Mapping[str, Any]) -> list[Trial]:
+        return await run_trials(self.dispatcher, task, group_size, params,
+                                lambda r: list(self.recorder.turns.get(r.trajectory.id, [])))

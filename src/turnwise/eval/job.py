@@ -6,8 +6,8 @@
 
 An evaluation directory holds `meta.json` (what was evaluated, how), `tasks.jsonl` (one line
 per task, written as soon as its trials finish, with every trajectory), `summary.json`,
-`report.md`, `pass_at_k.png` and, for a local model, `trajectories.db` (token ids). Resuming
-reads `tasks.jsonl` and runs only the tasks it lacks; a line cut short by a crash is dropped.
+`report.md`, `pass_at_k.png` and `trajectories.db` (token ids for a local model; for an endpoint,
+the turns without ids). Resuming reads `tasks.jsonl` and runs only the tasks it lacks; a line cut short by a crash is dropped.
 """
 
 from __future__ import annotations
@@ -249,9 +249,7 @@ def _load_agent(cfg: JobConfig) -> AgentFn | None:
 def _backend(cfg: JobConfig, spec: ModelSpec, out_dir: Path, agent: AgentFn | None,
              endpoint_model: str | None) -> EmbeddedBackend | EndpointBackend:
     if spec.kind == "endpoint":
-        if agent is None:
-            raise ConfigError(f"--endpoint runs an in-process agent; agent.kind is {cfg.agent.kind}")
-        return EndpointBackend(cfg, spec.target or "", agent, model=endpoint_model)
+        return EndpointBackend(cfg, spec.target or "", out_dir, agent, model=endpoint_model)
     from turnwise.policy.load import ModelLoadError
 
     try:

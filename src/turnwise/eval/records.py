@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from turnwise.env.rewards import exact_match, field_accuracy, lenient_match
-from turnwise.types import FailureKind, Message, Trajectory
+from turnwise.types import FailureKind, Message, Trajectory, TurnView
 
 GRADERS = {"exact_match": exact_match, "lenient_match": lenient_match, "field_accuracy": field_accuracy}
 """Grader name -> `fn(output, ground_truth) -> Reward`; `reward` (the agent's own) is handled apart."""
@@ -47,24 +47,6 @@ class Outcome(str, enum.Enum):
 
 
 FAILURE_STOPS = frozenset(Outcome(k.value) for k in FailureKind)
-
-
-@dataclass(frozen=True)
-class TurnView:
-    """One model call as either backend saw it."""
-
-    request_messages: tuple[Message, ...]
-    """Messages the agent sent."""
-    message: Message
-    """The assistant message returned."""
-    finish_reason: str
-    """stop | length | tool_calls (endpoint)."""
-    completion_tokens: int
-    """Sampled tokens."""
-    prompt_tokens: int
-    """Prompt tokens (the full prompt, reused prefix included)."""
-    tool_parse_error: bool = False
-    """The completion looked like a tool call that could not be parsed."""
 
 
 @dataclass(frozen=True)

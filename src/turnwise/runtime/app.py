@@ -16,7 +16,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -96,19 +96,23 @@ def _takes_cache_key(sampler: Sampler) -> bool:
         return False
 
 
-def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_name: str,
+def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryStore, model_name: str,
                default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
-               task_max_attempts: int = 3) -> FastAPI:
-    """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`)."""
+               task_max_attempts: int = 3, chat_router: APIRouter | None = None) -> FastAPI:
+    """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`).
+    `chat_router` replaces the OpenAI routes (with `sampler` and `chat` None): the eval proxy of an
+    external endpoint (`turnwise.rollout.proxy`)."""
+    if chat_router is None and (sampler is None or chat is None):
+        raise ValueError("create_app needs a sampler and a chat format (or a chat_router)")
     app = FastAPI(title="turnwise runtime", version="1",
                   description="OpenAI-compatible sampling with token-exact trajectory capture, "
                               "and the rollout feedback API of the managed multi-turn RL service.")
     app.state.runtime = Runtime(
         sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
         auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
-        task_max_attempts=task_max_attempts, sampler_takes_cache_key=_takes_cache_key(sampler))
-    app.include_router(openai_routes.router)
+        task_max_attempts=task_max_attempts, sampler_takes_cache_key=sampler is not None and _takes_cache_key(sampler))
+    app.include_router(chat_router or openai_routes.router)
     app.include_router(rollout_routes.router)
     app.include_router(task_routes.router)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)

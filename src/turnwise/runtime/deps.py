@@ -38,8 +38,9 @@ class ApiError(Exception):
 class Runtime:
     """Everything the routes need; created by `create_app` and kept on `app.state.runtime`."""
 
-    sampler: Sampler
-    chat: Chat
+    sampler: Sampler | None
+    """None when the chat routes forward to an external endpoint (the eval proxy)."""
+    chat: Chat | None
     store: TrajectoryStore
     model_name: str
     default_params: SamplingParams

@@ -107,4 +107,4 @@ async def job_stats(job_id: str, rt: RuntimeDep, caller: CallerDep) -> dict[str,
 @router.get("/health", response_model=HealthOut)
 async def health(rt: RuntimeDep) -> dict[str, Any]:
     """Liveness: the server is up (no key needed)."""
-    return {"status": "healthy", "model": rt.model_name, "version": rt.sampler.version}
+    return {"status": "healthy", "model": rt.model_name, "version": rt.sampler.version if rt.sampler else 0}

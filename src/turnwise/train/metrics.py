@@ -3,8 +3,9 @@
 Failure policy: a rollout that raised, timed out, or made no model call is FAILED and never
 trains. Its group is then incomplete: `incomplete_groups: keep` trains the other members
 (advantages among them), `drop` leaves the whole group out. A group with no usable member is
-always dropped. Every decision is counted (`rollout/failed`, `rollout/timeouts`,
-`groups/incomplete`, `groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
+always dropped. Every decision is counted (`rollout/failed`, `rollout/failed/<kind>` per
+`FailureKind`, `rollout/timeouts`, `rollout/retries`, `groups/incomplete`,
+`groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
 (`agent.rollout_timeout`) bound every rollout, and with pull workers `agent.queue_timeout` bounds
 the wait for a worker, so a step cannot hang on an agent or on workers that never come.
 
@@ -16,12 +17,13 @@ calls are counted from the recorded turns and the stop reason is the last turn's
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
 from turnwise.train.datums import usable
-from turnwise.types import Group, RolloutResult
+from turnwise.types import FailureKind, Group, RolloutResult
 
 
 def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Group], dict[str, float]]:
@@ -42,10 +44,13 @@ def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Gro
                 continue
         kept.append(g)
     metrics = {f"groups/{k}": float(v) for k, v in counts.items()}
+    kinds = Counter(r.trajectory.failure or FailureKind.AGENT_ERROR for r in failed)
     metrics |= {"rollout/failed": float(len(failed)),
-                "rollout/timeouts": float(sum("timed out" in (r.trajectory.error or "") for r in failed)),
+                "rollout/timeouts": float(kinds[FailureKind.AGENT_TIMEOUT] + kinds[FailureKind.QUEUE_TIMEOUT]),
+                "rollout/retries": float(sum(r.retries for r in rollouts)),
                 "rollout/failed_frac": len(failed) / max(1, len(rollouts)),
                 "groups/kept": float(len(kept))}
+    metrics |= {f"rollout/failed/{k.value}": float(n) for k, n in kinds.items()}
     return kept, metrics
 
 
