@@ -108,3 +108,36 @@ def test_algo_imports_nothing_from_turnwise_but_types():
     ours = {m for m in imported if m.split(".")[0] == "turnwise"}
     assert ours and all(m == "turnwise.types" or m.startswith("turnwise.algo") for m in ours), ours
     assert not imported & {"transformers", "fastapi", "turnwise.policy", "turnwise.train"}
+
+
+def test_unknown_names_fail_when_the_config_loads_with_the_closest_name(tmp_path):
+    from turnwise.config import ConfigError, load_config
+
+    job = tmp_path / "job.yaml"
+    job.write_text("loss_fn: cispoo\n")
+    with pytest.raises(ConfigError, match="loss_fn: unknown name 'cispoo'; did you mean 'cispo'"):
+        load_config(job)
+    with pytest.raises(ConfigError, match="advantage_method: unknown name 'grpo'"):
+        load_config(None, ["advantage_method=grpo"])
+
+
+def test_plugins_register_losses_and_advantages_for_any_agent_kind(tmp_path, monkeypatch):
+    from turnwise.config import ConfigError, load_config
+
+    (tmp_path / "my_algos.py").write_text(
+        "from turnwise.algo import register_advantage, register_loss\n"
+        "from turnwise.algo.losses import LOSSES\n"
+        "register_loss('plugin_loss')(LOSSES.get('ppo').fn)\n"
+        "@register_advantage('plugin_adv')\n"
+        "def adv(rollouts, opts):\n"
+        "    return [(0.0,) * sum(r.completion_lengths) for r in rollouts], {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = load_config(None, ["plugins=[my_algos]", "loss_fn=plugin_loss", "advantage_method=plugin_adv",
+                                 "agent.kind=http", "agent.url=http://127.0.0.1:1"])
+        assert (cfg.loss_fn, cfg.advantage_method) == ("plugin_loss", "plugin_adv")
+    finally:
+        LOSSES.unregister("plugin_loss")
+        ADVANTAGES.unregister("plugin_adv")
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_plugin_xyz'"):
+        load_config(None, ["plugins=[no_such_plugin_xyz]"])
