@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from turnwise.config import AgentConfig, RuntimeConfig
 from turnwise.runtime import openai_routes, rollout_routes, task_routes
 from turnwise.runtime.auth import Auth
 from turnwise.runtime.deps import ApiError, Runtime
@@ -30,7 +31,8 @@ from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import SamplingParams
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = RuntimeConfig().max_body_bytes
+"""The config's default (`runtime.max_body_bytes`): defaults live in `JobConfig` alone."""
 
 
 class BodyLimit:
@@ -99,7 +101,7 @@ def _takes_cache_key(sampler: Sampler) -> bool:
 def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryStore, model_name: str,
                default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
-               task_max_attempts: int = 3, chat_router: APIRouter | None = None) -> FastAPI:
+               task_max_attempts: int = AgentConfig().rollout_max_retries + 1, chat_router: APIRouter | None = None) -> FastAPI:
     """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`).
     `chat_router` replaces the OpenAI routes (with `sampler` and `chat` None): the eval proxy of an
     external endpoint (`turnwise.rollout.proxy`)."""
