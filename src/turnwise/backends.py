@@ -51,6 +51,15 @@ class WeightSyncSampler(Sampler, Protocol):
 class TrainingBackend(Protocol):
     """Owns the trained weights and optimizer state; Tinker's training-client contract."""
 
+    @property
+    def version(self) -> int:
+        """Policy version of the weights last published to the sampler."""
+        ...
+
+    def forward(self, datums_D: Sequence[Datum]) -> list[tuple[float, ...]]:
+        """The trainer's logprob of every token of each datum, no gradient (Tinker's `forward`)."""
+        ...
+
     def forward_backward(self, datums_D: Sequence[Datum], loss_fn: str,
                          loss_options: LossOptions) -> dict[str, float]:
         """Loss `loss_fn` (a name in `turnwise.algo.losses`) over `datums_D`, gradients accumulated;
@@ -72,4 +81,8 @@ class TrainingBackend(Protocol):
 
     def load_state(self, path: Path) -> None:
         """Restore what `save_state` wrote, policy version included."""
+        ...
+
+    def export(self, path: Path) -> None:
+        """The current weights as a Hugging Face model directory (LoRA merged), for eval and serving."""
         ...

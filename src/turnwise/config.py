@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from turnwise.types import AdvantageOptions, LossOptions, SamplingParams
 
@@ -126,6 +126,13 @@ class RuntimeConfig(_Section):
     port: int = Field(0, ge=0, le=65535)
     """0 picks a free port."""
     api_keys: tuple[str, ...] = ()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if any(len(k) < 8 for k in keys):
+            raise ValueError("each API key must be at least 8 characters")
+        return keys
     """Bearer keys; required when binding beyond loopback."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     opaque_tokens_on_loopback: bool = False
@@ -301,9 +308,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw = loaded
@@ -393,8 +404,9 @@ def validate_config(raw: Mapping[str, Any]) -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+        parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                 for err in e.errors()]
+        raise ConfigError("invalid config: " + "; ".join(parts)) from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from urllib.parse import urlparse
 
 from turnwise.adapter.worker import Worker, WorkerError, load_function
 
@@ -34,7 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
 
 
+def _check_url(url: str) -> str | None:
+    """Why `url` cannot be a runtime server URL, or None."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"--server {url!r} is not an http(s) URL, e.g. http://127.0.0.1:8000"
+    try:
+        parsed.port  # noqa: B018 (validates the port)
+    except ValueError as e:
+        return f"--server {url!r}: {e}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if (problem := _check_url(args.server)) is not None:
+        print(f"turnwise worker: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll and heartbeat otherwise
     try:

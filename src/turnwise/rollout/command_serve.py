@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -34,11 +35,27 @@ def _check_binding(cfg: JobConfig, host: str) -> None:
                           "set runtime.api_keys in the config or --set 'runtime.api_keys=[<key of 8+ chars>]'")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e} (another server on that port? "
+                              "pick another with --port, or --port 0 for a free one)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else JobConfig()
     host = args.host or cfg.runtime.host
     port = cfg.runtime.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is 0 (any free one) to 65535")
     _check_binding(cfg, host)  # before the (slow) model load
+    _check_port_free(host, port)
 
     from turnwise.rollout.runtime import load_engine, runtime_app
     from turnwise.runtime.server import RuntimeServer

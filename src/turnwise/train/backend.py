@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,16 +151,17 @@ class LocalBackend:
         self.version, self._changed = state["policy_version"], state["changed"]
 
     @torch.no_grad()
-    def with_trainer_logprobs(self, datums_D: Sequence[Datum]) -> list[Datum]:
-        """`datums_D` with `trainer_logprobs_T` from the current weights (Tinker's `forward`)."""
-        out = []
+    def forward(self, datums_D: Sequence[Datum]) -> list[tuple[float, ...]]:
+        out: list[tuple[float, ...]] = []
         for i in range(0, len(datums_D), self.micro_batch_size):
             chunk = datums_D[i:i + self.micro_batch_size]
             t = pad_datums(chunk)
             logprobs = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"], self.temperature)[0]
-            out += [dataclasses.replace(d, trainer_logprobs_T=tuple(logprobs[j, :len(d.segment.tokens_T)].tolist()))
-                    for j, d in enumerate(chunk)]
+            out += [tuple(logprobs[j, :len(d.segment.tokens_T)].tolist()) for j, d in enumerate(chunk)]
         return out
+
+    def export(self, path: Path) -> None:
+        save_checkpoint(self.model, self.tokenizer, path, merged=True)
 
     # -- pieces ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from turnwise.config import JobConfig
+from turnwise.config import ConfigError, JobConfig
 from turnwise.rollout.agent import load_agent
 from turnwise.track import (
     ConsoleLogger,
@@ -33,7 +33,13 @@ def new_run_dir(cfg: JobConfig) -> Path:
     while run_dir.exists():
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / ".write-check").touch()
+        (run_dir / ".write-check").unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {cfg.output_dir!r}: cannot create the run directory {run_dir}: "
+                          f"{e.strerror or e}") from None
     return run_dir
 
 
@@ -82,7 +88,6 @@ def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResu
 
 def run_train_checked(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
     """`run_train`, with bad input files reported as ConfigError (a message, not a traceback)."""
-    from turnwise.config import ConfigError
     from turnwise.policy.load import ModelLoadError
     from turnwise.rollout.agent import AgentLoadError
     from turnwise.rollout.tasks import TaskFileError

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from turnwise.algo.passk import mean_pass_at_k
+from turnwise.backends import TrainingBackend
 from turnwise.config import JobConfig
 from turnwise.policy.checkpoint import apply_lora, save_checkpoint
 from turnwise.rollout.agent import AgentFn
@@ -63,7 +64,7 @@ class Run:
 
     cfg: JobConfig
     rt: EmbeddedRuntime
-    backend: LocalBackend
+    backend: TrainingBackend
     dispatcher: RolloutDispatcher
     logger: Logger
     run_dir: Path
@@ -148,7 +149,8 @@ def optimize(run: Run, datums_D: Sequence[Datum], step: int) -> dict[str, float]
     schedule = lr_lambda(cfg.lr_schedule, cfg.lr_warmup_steps, run.total_steps * cfg.num_substeps)
     datums_D = list(datums_D)
     if cfg.tis_cap is not None and cfg.num_substeps > 1:  # TIS compares with the pre-update trainer
-        datums_D = run.backend.with_trainer_logprobs(datums_D)
+        datums_D = [dataclasses.replace(d, trainer_logprobs_T=lp)
+                    for d, lp in zip(datums_D, run.backend.forward(datums_D), strict=True)]
     for k in range(cfg.num_substeps):
         n = (step - 1) * cfg.num_substeps + k
         metrics = run.backend.forward_backward(datums_D, cfg.loss_fn, cfg.loss_options())
@@ -208,7 +210,7 @@ def finish(run: Run, step: int) -> TrainResult:
         if step > run.start_step and not (cfg.save_every and step % cfg.save_every == 0):
             save_state(run, step)
         final = run.run_dir / "checkpoints" / "final"
-        save_checkpoint(run.backend.model, run.rt.tokenizer, final, merged=True)
+        run.backend.export(final)
         run.logger.log_checkpoint(final, "final")
     return TrainResult(run_dir=run.run_dir, steps=step, val_reward_before_rl=run.val_before,
                        val_reward_after_rl=val_after, wall_seconds=time.perf_counter() - run.started,
