@@ -32,7 +32,7 @@ def runtime(tmp_path):
 
 
 def dispatcher(agent_url: str, base_url: str, store: TrajectoryStore, **kwargs) -> PushDispatcher:
-    kwargs = {"concurrency": 4, "timeout": 10.0, "max_retries": 1, "health_timeout": 0.5, **kwargs}
+    kwargs = {"concurrency": 4, "timeout": 10.0, "max_retries": 1, "unavailable_timeout": 0.5, **kwargs}
     return PushDispatcher(agent_url, base_url=base_url, model="stub", store=store, **kwargs)
 
 
@@ -160,7 +160,7 @@ def test_refusals_are_not_retried_and_an_agent_failure_is_its_outcome(tmp_path):
 
 def test_an_unhealthy_agent_server_stops_the_batch_before_it_starts(tmp_path):
     with runtime(tmp_path) as (base_url, store):
-        d = dispatcher("http://127.0.0.1:9", base_url, store, health_timeout=0.3)
+        d = dispatcher("http://127.0.0.1:9", base_url, store, unavailable_timeout=0.3)
         with pytest.raises(AgentUnavailable, match="127.0.0.1:9 is not healthy"):
             asyncio.run(d.run_groups(TASKS, 1, PARAMS))
         assert store.stats().trajectories_by_status["in_progress"] == 0

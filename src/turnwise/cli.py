@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from turnwise.config import ConfigError
+from turnwise.config import ConfigError, RunStopped
 
 # name -> (module, one-line help). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"turnwise: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"turnwise: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("turnwise: interrupted", file=sys.stderr)
         return 130

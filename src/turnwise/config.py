@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped early on purpose (an agent server that stayed down, ...), after saving a
+    checkpoint; the message says why and how to resume. The CLI prints it as one line."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,6 +96,12 @@ class AgentConfig(_Section):
     rollout_max_retries: int = Field(2, ge=0)
     """Fresh attempts, each with a new trajectory id, after a rollout that never ran its course:
     http: connection error, HTTP 429/5xx or timeout; worker: the worker died (its lease expired)."""
+    retry_backoff: float = Field(0.5, gt=0)
+    """Kind http: seconds before the first retry, doubled for each next one, with +-50% jitter
+    (each wait at most `rollout_timeout`)."""
+    unavailable_timeout: float = Field(300.0, gt=0)
+    """Kind http: an agent server that is down (GET /health fails) pauses dispatch for up to this
+    many seconds; then the run stops with a checkpoint and a one-line message."""
 
 
 class WarmStartConfig(_Section):
@@ -207,8 +218,10 @@ class JobConfig(_Section):
     val_every: int = Field(0, ge=0)
     """Validate every N steps (0: only before and after training)."""
     val_group_size: int = Field(1, ge=1)
-    save_every: int = Field(0, ge=0)
-    """Checkpoint every N steps (0: only at the end, or on SIGINT/SIGTERM)."""
+    save_every: int | Literal["auto"] = "auto"
+    """Checkpoint every N steps; 0: only at the end and when the run stops early (a signal, an agent
+    server gone). auto: after the first step, then whenever the time since the last checkpoint is
+    at least 20x what that checkpoint took (so checkpoints cost at most ~5% of the run)."""
     incomplete_groups: Literal["keep", "drop"] = "keep"
     """A group with failed or timed-out members: keep the rest (advantages among them) or drop it."""
 

@@ -177,19 +177,25 @@ class StopReason(str, enum.Enum):
 class TrajectoryStatus(str, enum.Enum):
     """Lifecycle of a rollout. Allowed moves are in `TRAJECTORY_TRANSITIONS`: the agent completes an
     IN_PROGRESS one (ready | failed) and rewards a READY one; the trainer may fail a READY one
-    that never got its reward (`TrajectoryStore.fail`)."""
+    that never got its reward (`TrajectoryStore.fail`), and on resume abandons every trajectory of
+    the step that was cut short (`TrajectoryStore.abandon_after`)."""
 
     IN_PROGRESS = "in_progress"
     READY = "ready"
     FAILED = "failed"
     REWARDED = "rewarded"
+    ABANDONED = "abandoned"
+    """Sampled for a step that never finished (the trainer died); counted apart, never trained."""
 
 
 TRAJECTORY_TRANSITIONS: Mapping[TrajectoryStatus, frozenset[TrajectoryStatus]] = {
-    TrajectoryStatus.IN_PROGRESS: frozenset({TrajectoryStatus.READY, TrajectoryStatus.FAILED}),
-    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED}),
-    TrajectoryStatus.FAILED: frozenset(),
-    TrajectoryStatus.REWARDED: frozenset(),
+    TrajectoryStatus.IN_PROGRESS: frozenset({TrajectoryStatus.READY, TrajectoryStatus.FAILED,
+                                             TrajectoryStatus.ABANDONED}),
+    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED,
+                                       TrajectoryStatus.ABANDONED}),
+    TrajectoryStatus.FAILED: frozenset({TrajectoryStatus.ABANDONED}),
+    TrajectoryStatus.REWARDED: frozenset({TrajectoryStatus.ABANDONED}),
+    TrajectoryStatus.ABANDONED: frozenset(),
 }
 
 
@@ -297,8 +303,8 @@ class RolloutResult:
     """Numbers the agent or its reward reported (tool calls, tool errors, ...)."""
     state: Any = None
     """The final environment state the agent returned (`AgentResult.state`), for verify."""
-    retries: int = 0
-    """Attempts retried before this one (push and pull dispatch)."""
+    retried: tuple[FailureKind, ...] = ()
+    """Why each earlier attempt failed and was retried (push and pull dispatch)."""
 
 
 @dataclass(frozen=True)

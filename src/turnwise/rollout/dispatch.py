@@ -31,7 +31,8 @@ def make_dispatcher(agent_cfg: AgentConfig, agent: AgentFn | None, *, base_url: 
         return PushDispatcher(agent_cfg.url, base_url=base_url, model=model, store=store,
                               concurrency=agent_cfg.concurrency, timeout=agent_cfg.rollout_timeout,
                               max_retries=agent_cfg.rollout_max_retries, api_key=agent_cfg.api_key,
-                              endpoint=agent_cfg.endpoint)
+                              endpoint=agent_cfg.endpoint, unavailable_timeout=agent_cfg.unavailable_timeout,
+                              retry_backoff=agent_cfg.retry_backoff)
     if agent_cfg.kind == "worker":
         if agent_cfg.queue_timeout <= agent_cfg.rollout_timeout:
             raise ConfigError(f"agent.queue_timeout ({agent_cfg.queue_timeout:g}) must be above "

@@ -22,12 +22,18 @@ Outcomes of one attempt:
 | completed, but no update-reward before timeout    | FAILED, no_reward                  | no      |
 
 A retry is a fresh attempt with a fresh trajectory id; the failed attempt's trajectory stays
-FAILED, so a late call from the abandoned agent gets 409 and cannot be counted.
+FAILED, so a late call from the abandoned agent gets 409 and cannot be counted. Retries wait
+`retry_backoff * 2^(k-1)` seconds (+-50% jitter, at most `timeout`) before attempt k+1. An attempt the agent server could not take (connection
+refused, HTTP 5xx) first waits for the server to be healthy again: one health poll for all
+rollouts, paused for up to `unavailable_timeout` (a restart loses no rollout), after which
+`AgentUnavailable` stops the step and the loop stops the run with a checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -41,10 +47,11 @@ from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory, TrajectoryStatus
 
 TERMINAL = (TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED)
+log = logging.getLogger(__name__)
 
 
 class AgentUnavailable(RuntimeError):
-    """The agent server did not answer `GET /health` with 200."""
+    """The agent server did not answer `GET /health` with 200 within `unavailable_timeout`."""
 
 
 def prompt_of(row: Mapping[str, Any]) -> str:
@@ -101,7 +108,8 @@ class PushDispatcher:
 
     def __init__(self, url: str, *, base_url: str, model: str, store: TrajectoryStore, concurrency: int,
                  timeout: float, max_retries: int = 2, api_key: str | None = None,
-                 endpoint: str | None = None, health_timeout: float = 10.0) -> None:
+                 endpoint: str | None = None, unavailable_timeout: float = 300.0,
+                 retry_backoff: float = 0.5) -> None:
         self.url = url.rstrip("/")
         self.endpoint = endpoint or base_url
         """The runtime server URL sent to the agent in metadata.endpoint."""
@@ -112,15 +120,25 @@ class PushDispatcher:
         self.max_retries = max_retries
         self.api_key = api_key
         """Bearer key for the agent server's /rollout (not the runtime's key)."""
-        self.health_timeout = health_timeout
+        self.unavailable_timeout = unavailable_timeout
+        self.retry_backoff = retry_backoff
+        self._health_lock = asyncio.Lock()
+        """One health poll at a time: the rollouts that failed together wait for the same one."""
 
     async def run_groups(self, tasks: Sequence[Task], group_size: int,
                          inference_params: Mapping[str, Any]) -> list[Group]:
         async with self._client() as http:
             await self.check_health(http)
             limit = asyncio.Semaphore(self.concurrency)
-            results = await asyncio.gather(*(self._run_one(http, limit, task, inference_params)
-                                             for task in tasks for _ in range(group_size)))
+            runs = [asyncio.ensure_future(self._run_one(http, limit, task, inference_params))
+                    for task in tasks for _ in range(group_size)]
+            try:
+                results = await asyncio.gather(*runs)
+            except BaseException:  # AgentUnavailable or a cancellation: stop the others, recorded as such
+                for r in runs:
+                    r.cancel()
+                await asyncio.gather(*runs, return_exceptions=True)
+                raise
         return as_groups(tasks, group_size, results)
 
     async def run_one(self, task: Task, inference_params: Mapping[str, Any],
@@ -135,20 +153,32 @@ class PushDispatcher:
         return httpx.AsyncClient(base_url=self.url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(None, connect=10.0))
 
-    async def check_health(self, http: httpx.AsyncClient) -> None:
-        """`GET /health` until 200, for up to `health_timeout` seconds; else AgentUnavailable."""
-        deadline = time.monotonic() + self.health_timeout
+    async def check_health(self, http: httpx.AsyncClient) -> float:
+        """`GET /health` until 200, for up to `unavailable_timeout` seconds (else AgentUnavailable);
+        returns the seconds it waited."""
+        async with self._health_lock:
+            return await self._poll_health(http)
+
+    async def _poll_health(self, http: httpx.AsyncClient) -> float:
+        started = time.monotonic()
+        deadline = started + self.unavailable_timeout
+        warned = False
         while True:
             try:
-                r = await http.get("/health", timeout=min(5.0, self.health_timeout))
+                r = await http.get("/health", timeout=min(5.0, self.unavailable_timeout))
                 if r.status_code == 200:
-                    return
+                    return time.monotonic() - started
                 problem = f"HTTP {r.status_code}: {error_message(r)}"
             except httpx.HTTPError as e:
                 problem = f"{type(e).__name__}: {e}"
             if time.monotonic() >= deadline:
-                raise AgentUnavailable(f"agent server {self.url} is not healthy (GET /health: {problem}); "
-                                       "is it running (serve_agent) and is agent.url right?")
+                raise AgentUnavailable(f"agent server {self.url} is not healthy (GET /health: {problem}) after "
+                                       f"{self.unavailable_timeout:g}s (agent.unavailable_timeout); is it running "
+                                       "(serve_agent) and is agent.url right?")
+            if not warned:
+                log.warning("agent server %s is not healthy (%s): dispatch paused for up to %gs", self.url, problem,
+                            self.unavailable_timeout)
+                warned = True
             await asyncio.sleep(0.2)
 
     async def _run_one(self, http: httpx.AsyncClient, limit: asyncio.Semaphore, task: Task,
@@ -156,18 +186,27 @@ class PushDispatcher:
         async with limit:
             start = time.perf_counter()
             attempts = self.max_retries + 1
+            retried: list[FailureKind] = []
             for attempt in range(1, attempts + 1):
                 trajectory_id = first_id if attempt == 1 and first_id else f"traj-{uuid.uuid4().hex}"
                 self.store.begin(trajectory_id)
                 payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
                                        trajectory_id=trajectory_id, endpoint=self.endpoint)
-                failure, error, retry = await self._attempt(http, payload, trajectory_id)
+                try:
+                    failure, error, retry = await self._attempt(http, payload, trajectory_id)
+                except asyncio.CancelledError:
+                    self.store.fail(trajectory_id, FailureKind.ABANDONED, "the step was stopped")
+                    raise
                 if failure is not None:
                     self.store.fail(trajectory_id, failure, f"{error} (attempt {attempt} of {attempts})")
-                if failure is None or not retry:
+                if failure is None or not retry or attempt == attempts:
                     break
+                if failure == FailureKind.TRANSPORT:
+                    await self.check_health(http)
+                retried.append(failure)
+                await asyncio.sleep(min(self.timeout, self.retry_backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)))
             return RolloutResult(task=task, trajectory=final_trajectory(self.store, trajectory_id, self.timeout),
-                                 seconds=time.perf_counter() - start, retries=attempt - 1)
+                                 seconds=time.perf_counter() - start, retried=tuple(retried))
 
     async def _attempt(self, http: httpx.AsyncClient, payload: dict[str, Any],
                        trajectory_id: str) -> tuple[FailureKind | None, str | None, bool]:

@@ -312,6 +312,21 @@ class TrajectoryStore:
                          (status.value, error, failure.value if failure else None, client_token, time.time(),
                           self.job_id, trajectory_id))
 
+    def abandon_after(self, timestamp: float) -> int:
+        """Mark ABANDONED every trajectory of the job begun after `timestamp`, and every one still
+        open (in progress or ready): the rollouts of a step a resumed run will sample again.
+        Queued and leased pull tasks fail with them. Returns how many trajectories."""
+        open_ = (TrajectoryStatus.IN_PROGRESS.value, TrajectoryStatus.READY.value)
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE trajectories SET status=?, failure=?, error=COALESCE(error, ?), updated_at=? "
+                "WHERE job_id=? AND status!=? AND (created_at > ? OR status IN (?, ?))",
+                (TrajectoryStatus.ABANDONED.value, FailureKind.ABANDONED.value, "the trainer stopped during its step",
+                 time.time(), self.job_id, TrajectoryStatus.ABANDONED.value, timestamp, *open_))
+            conn.execute("UPDATE tasks SET status='failed', error='abandoned: the trainer stopped', "
+                         "lease_expires_at=NULL WHERE job_id=? AND status IN ('queued', 'leased')", (self.job_id,))
+            return cur.rowcount
+
     def fail(self, trajectory_id: str, failure: FailureKind, error: str) -> bool:
         """The trainer's verdict: an IN_PROGRESS or READY (never rewarded) trajectory becomes FAILED
         with `failure`. False when it had already ended (its agent finished meanwhile)."""

@@ -31,6 +31,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("rollout/failed/<kind>", "sum", "failed rollouts of one FailureKind"),
     ("rollout/timeouts", "sum", "rollouts that failed by timeout (agent or queue)"),
     ("rollout/retries", "sum", "dispatch attempts retried"),
+    ("rollout/abandoned", "sum", "trajectories of a step cut short by a crash, abandoned on resume"),
     ("rollout/stop/<reason>", "mean", "fraction of rollouts that ended for this StopReason / finish reason"),
     ("rollout/<name>/mean", "mean", "a number the agent reported, averaged over rollouts"),
     ("groups/kept", "sum", "groups that trained"),

@@ -4,7 +4,7 @@ Failure policy: a rollout that raised, timed out, or made no model call is FAILE
 trains. Its group is then incomplete: `incomplete_groups: keep` trains the other members
 (advantages among them), `drop` leaves the whole group out. A group with no usable member is
 always dropped. Every decision is counted (`rollout/failed`, `rollout/failed/<kind>` per
-`FailureKind`, `rollout/timeouts`, `rollout/retries`, `groups/incomplete`,
+`FailureKind`, `rollout/timeouts` (retried attempts included), `rollout/retries`, `groups/incomplete`,
 `groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
 (`agent.rollout_timeout`) bound every rollout, and with pull workers `agent.queue_timeout` bounds
 the wait for a worker, so a step cannot hang on an agent or on workers that never come.
@@ -45,9 +45,11 @@ def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Gro
         kept.append(g)
     metrics = {f"groups/{k}": float(v) for k, v in counts.items()}
     kinds = Counter(r.trajectory.failure or FailureKind.AGENT_ERROR for r in failed)
+    retried = Counter(k for r in rollouts for k in r.retried)
+    timeouts = (FailureKind.AGENT_TIMEOUT, FailureKind.QUEUE_TIMEOUT)
     metrics |= {"rollout/failed": float(len(failed)),
-                "rollout/timeouts": float(kinds[FailureKind.AGENT_TIMEOUT] + kinds[FailureKind.QUEUE_TIMEOUT]),
-                "rollout/retries": float(sum(r.retries for r in rollouts)),
+                "rollout/timeouts": float(sum(kinds[k] + retried[k] for k in timeouts)),
+                "rollout/retries": float(retried.total()),
                 "rollout/failed_frac": len(failed) / max(1, len(rollouts)),
                 "groups/kept": float(len(kept))}
     metrics |= {f"rollout/failed/{k.value}": float(n) for k, n in kinds.items()}

@@ -23,10 +23,11 @@ import torch
 
 from turnwise.algo.passk import mean_pass_at_k
 from turnwise.backends import TrainingBackend
-from turnwise.config import JobConfig
+from turnwise.config import JobConfig, RunStopped
 from turnwise.policy.checkpoint import apply_lora, save_checkpoint
 from turnwise.rollout.agent import AgentFn
 from turnwise.rollout.dispatch import RolloutDispatcher
+from turnwise.rollout.push import AgentUnavailable
 from turnwise.rollout.runtime import EmbeddedRuntime
 from turnwise.rollout.tasks import load_tasks
 from turnwise.track import Logger
@@ -76,6 +77,14 @@ class Run:
     start_step: int = 0
     val_before: float | None = None
     started: float = 0.0
+    last_step: int = 0
+    """The last step that ended (logged)."""
+    saved_step: int = 0
+    """The step of the newest checkpoint."""
+    saved_at: float = 0.0
+    """`time.monotonic()` when it was written."""
+    checkpoint_seconds: float = 0.0
+    """How long that checkpoint took (for `save_every: auto`)."""
 
 
 @contextlib.contextmanager
@@ -117,15 +126,35 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
                 backend.load_state(resume)
                 state = load_trainer_state(resume)
                 run.start_step, run.val_before = state["step"], state["val_before"]
+                run.last_step = run.saved_step = run.start_step
+                # the step that was cut short samples again: its trajectories must not count twice
+                abandoned = rt.store.abandon_after(state["saved_at"])
+                logger.log_metrics({"rollout/abandoned": float(abandoned)}, run.start_step)
+            run.saved_at = time.monotonic()
             backend.save_weights_for_sampler()
             if resume is None:
                 run.val_before = validate(run, step=0)
             else:
                 restore_rng(state["rng"])
             progress.start_rl(run.start_step)
-            yield run
+            try:
+                yield run
+            except AgentUnavailable as e:
+                path = checkpoint_on_exit(run)
+                raise RunStopped(f"{e}; stopped after step {run.last_step}" + (
+                    f", checkpoint {path}: resume with `turnwise train --resume {run_dir}`" if path else "")) from None
+            except BaseException:
+                checkpoint_on_exit(run)
+                raise
         finally:
             progress.close()
+
+
+def checkpoint_on_exit(run: Run) -> Path | None:
+    """On any exit path: a checkpoint of the last step that ended, unless it has one; its path."""
+    if run.last_step > run.saved_step:
+        return save_state(run, run.last_step)
+    return latest_checkpoint(run.run_dir)
 
 
 def interrupted_before_rl(run_dir: Path, started: float) -> TrainResult:
@@ -196,18 +225,27 @@ def end_step(run: Run, step: int, groups: Sequence[Group], metrics: dict[str, fl
     run.progress.update(step, metrics.get("rollout/reward/mean", 0.0), metrics.get("rollout/pass_rate", 0.0))
     if cfg.val_every and step % cfg.val_every == 0 and step < run.total_steps:
         validate(run, step)
-    if (cfg.save_every and step % cfg.save_every == 0) or run.stop.received is not None:
+    run.last_step = step
+    if should_save(run, step) or run.stop.received is not None:
         save_state(run, step)
+
+
+def should_save(run: Run, step: int) -> bool:
+    """`save_every` N: every N steps; auto: after the first step, then whenever the time since the
+    last checkpoint is at least 20x what that checkpoint took (at most ~5% of the run)."""
+    every = run.cfg.save_every
+    if every == "auto":
+        return run.saved_step == run.start_step or time.monotonic() - run.saved_at >= 20 * run.checkpoint_seconds
+    return bool(every) and step % every == 0
 
 
 def finish(run: Run, step: int) -> TrainResult:
     """After the last step: final validation, checkpoint and exported model (unless interrupted)."""
-    cfg = run.cfg
     interrupted = run.stop.received is not None and step < run.total_steps
     val_after = None
     if not interrupted:
         val_after = validate(run, step) if step > run.start_step else run.val_before
-        if step > run.start_step and not (cfg.save_every and step % cfg.save_every == 0):
+        if step > run.saved_step:
             save_state(run, step)
         final = run.run_dir / "checkpoints" / "final"
         run.backend.export(final)
@@ -218,9 +256,11 @@ def finish(run: Run, step: int) -> TrainResult:
 
 
 def save_state(run: Run, step: int) -> Path:
+    t0 = time.monotonic()
     path = save_trainer_checkpoint(run.run_dir, step, run.backend,
-                                   {"val_before": run.val_before, "next_data_step": step})
+                                   {"val_before": run.val_before, "next_data_step": step, "saved_at": time.time()})
     run.logger.log_checkpoint(path / "model", path.name)
+    run.saved_step, run.saved_at, run.checkpoint_seconds = step, time.monotonic(), time.monotonic() - t0
     return path
 
 
