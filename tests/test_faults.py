@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from test_dispatch_push import PARAMS, TASKS, dispatcher, runtime
 from test_train_resume import run, small_config
-
 from turnwise.adapter import RolloutContext, create_agent_app
 from turnwise.config import RunStopped
 from turnwise.runtime.server import RuntimeServer

@@ -18,7 +18,7 @@ from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
 from turnwise.runtime.testing import stub_app
-from turnwise.types import Task, TrajectoryStatus
+from turnwise.types import FailureKind, Task, TrajectoryStatus
 
 AGENT = textwrap.dedent("""
     import asyncio, os
@@ -79,4 +79,6 @@ def test_killed_worker_task_is_requeued_and_counted_once(tmp_path):
     assert dead.status == TrajectoryStatus.FAILED and "lease expired" in dead.error and len(dead.turns) == 1
     state = TaskQueue(store).get(task_id)
     assert (state.status, state.attempt) == (TaskStatus.DONE, 2)
-    assert store.stats().trajectories_by_status == {"in_progress": 0, "ready": 0, "failed": 1, "rewarded": 1}
+    assert store.stats().trajectories_by_status == {"in_progress": 0, "ready": 0, "failed": 1, "rewarded": 1,
+                                                    "abandoned": 0}
+    assert dead.failure == FailureKind.WORKER_LOST and result.retried == (FailureKind.WORKER_LOST,)

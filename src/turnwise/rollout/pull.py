@@ -30,7 +30,7 @@ from turnwise.rollout.base import as_groups
 from turnwise.rollout.push import TERMINAL, final_trajectory, push_payload
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.tasks import TaskQueue, TaskStatus
-from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory
+from turnwise.types import FailureKind, Group, RolloutResult, Task, Trajectory, TrajectoryStatus
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,21 @@ class WorkerDispatcher:
         start = time.perf_counter()
         queue.add(rows)
         finished = await self._wait(queue, ids, start)
-        return [RolloutResult(task=task, trajectory=finished[task_id][0], seconds=finished[task_id][1])
+        return [RolloutResult(task=task, trajectory=finished[task_id][0], seconds=finished[task_id][1],
+                              retried=self._retried(task_id, finished[task_id][0].id))
                 for task, task_id in zip(tasks, ids, strict=True)]
+
+    def _retried(self, task_id: str, last_id: str) -> tuple[FailureKind, ...]:
+        """Failure kinds of the attempts before the last one (their trajectories are `<task>.a<k>`,
+        the first one named after the task when the dispatcher chose its id)."""
+        out = []
+        for candidate in (task_id, *(f"{task_id}.a{k}" for k in range(1, self.max_retries + 2))):
+            if candidate == last_id:
+                break
+            t = self.store.get(candidate, last_turn_only=True)
+            if t is not None and t.status == TrajectoryStatus.FAILED:
+                out.append(t.failure or FailureKind.AGENT_ERROR)
+        return tuple(out)
 
     async def _wait(self, queue: TaskQueue, ids: Sequence[str], start: float) -> dict[str, tuple[Trajectory, float]]:
         """Poll until every task ended; task id -> (its last attempt's trajectory, seconds)."""
