@@ -59,7 +59,7 @@ def completion(content: str = "", calls: list[tuple[str, str]] = (), finish: str
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-@tool
+@tool(state_type=dict)  # the state is a plain dict here: the parameter annotated `dict` gets it
 def get_order(order_id: str, state: dict) -> dict:
     """Look up an order.
 
