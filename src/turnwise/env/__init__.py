@@ -8,6 +8,7 @@ OpenAI tool loop; `run_python` / `run_sql` verify outcomes in a sandbox; `oracle
 `null_rollout` are the reference agents `turnwise verify` scores an environment with.
 """
 
+from turnwise.env.data import SeedData
 from turnwise.env.episode import Episode, IdGenerator
 from turnwise.env.loop import LoopResult, StopReason, run_tool_loop
 from turnwise.env.oracle import format_final_output, null_rollout, oracle_rollout
@@ -28,7 +29,7 @@ from turnwise.env.tools import EnvironmentFault, Tool, ToolBox, ToolError, ToolR
 
 __all__ = [
     "Cassette", "CassetteMiss", "EnvironmentFault", "Episode", "IdGenerator", "LoopResult", "MissPolicy",
-    "Reward", "SandboxLimits", "SandboxResult", "SandboxStatus", "StopReason", "Tool", "ToolBox", "ToolError",
+    "Reward", "SandboxLimits", "SandboxResult", "SandboxStatus", "SeedData", "StopReason", "Tool", "ToolBox", "ToolError",
     "ToolResult", "exact_match", "extract_final_output", "field_accuracy", "format_final_output",
     "lenient_match", "null_rollout", "oracle_rollout", "run_python", "run_sql", "run_tool_loop", "schema_diff",
     "score", "serialize_result", "state_match", "tool", "with_success",
