@@ -65,16 +65,18 @@ class SeedData:
         """A new episode's `data`: collections copy-on-write, the rest deep-copied."""
         return {k: Records(self, k) if _is_collection(v) else copy_json(v) for k, v in self.value.items()}
 
-    def fragment(self, collection: str, key: str) -> str:
-        """`"key":<canonical JSON of the seed record>`, computed once per seed (thread-safe)."""
+    def fragments(self, collection: str) -> Mapping[str, str]:
+        """`"key":<canonical JSON of the seed record>` per record of a collection, computed once
+        per seed, by the first episode that needs them (the others wait, off the event loop)."""
         table = self._fragments.get(collection)
         if table is None:
             with self._lock:
-                table = self._fragments.setdefault(collection, {})
-        text = table.get(key)
-        if text is None:
-            text = table[key] = f"{json_dumps_canonical(key)}:{canonical(self.value[collection][key])}"
-        return text
+                table = self._fragments.get(collection)
+                if table is None:
+                    table = {k: f"{json_dumps_canonical(k)}:{canonical(v)}"
+                             for k, v in self.value[collection].items()}
+                    self._fragments[collection] = table
+        return table
 
 
 def _is_collection(value: Any) -> bool:
@@ -167,12 +169,9 @@ class Records(dict):  # type: ignore[type-arg]
 
     def canonical(self) -> str:
         """Canonical JSON of this collection, reusing the seed's text for records not touched."""
-        parts = []
-        for key in sorted(dict.__iter__(self)):
-            if key in self._private:
-                parts.append(f"{json_dumps_canonical(key)}:{canonical(dict.__getitem__(self, key))}")
-            else:
-                parts.append(self._seed.fragment(self._name, key))
+        seed = self._seed.fragments(self._name)
+        parts = [f"{json_dumps_canonical(key)}:{canonical(dict.__getitem__(self, key))}" if key in self._private
+                 else seed[key] for key in sorted(dict.__iter__(self))]
         return "{" + ",".join(parts) + "}"
 
 
