@@ -36,7 +36,7 @@ from typing import Any
 from turnwise.env import Episode, SeedData, ToolBox, oracle_rollout
 
 DATA = Path(__file__).parent / "data"
-SEED, N_USERS, N_ORDERS, N_TRAIN, N_VAL, N_DEMOS = 0, 40, 80, 256, 32, 256
+SEED, N_USERS, N_ORDERS, N_TRAIN, N_VAL, N_DEMOS = 0, 40, 80, 256, 16, 96
 """What the committed data/ files were generated with."""
 EXPERT_WRONG_REASON_RATE = 0.6
 KIND_WEIGHTS = {"cancel": 0.45, "total": 0.2, "address": 0.15, "count": 0.2}
