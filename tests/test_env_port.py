@@ -109,6 +109,8 @@ def test_a_declared_schema_must_agree_with_the_function():
             return ""
     with pytest.raises(ValueError, match="differs from its schema's name"):
         tool(lambda: "", schema=SHIP, name="other")
+    with pytest.raises(ValueError, match="the description comes from its schema"):
+        tool(lambda: "", schema=SHIP, description="mine")
 
 
 def test_the_production_schema_validates_where_pydantic_would_not():

@@ -20,6 +20,7 @@ from examples.tau_retail.environment import PRODUCTION, SEED, TOOLBOX, TOOLS, op
 from examples.tau_retail.oracle import oracle
 
 from turnwise import cli
+from turnwise.config import load_config
 from turnwise.env import oracle_rollout
 from turnwise.eval import command_verify
 from turnwise.runtime.testing import IM_END, ByteChat, ScriptedSampler
@@ -122,24 +123,32 @@ def test_verify_passes_on_the_retail_desk_with_a_policy_that_calls_tools(monkeyp
         yield ScriptedSampler(gold_policy), CHAT
 
     monkeypatch.setattr(command_verify, "job_policy", policy)
-    args = ["verify", str(EXAMPLE / "config.yaml"), "--set", "verify.tasks=6", "--set", "verify.concurrency=12",
+    sampled = command_verify.sample_tasks(load_config(EXAMPLE / "config.yaml", ["verify.tasks=8"]))
+    assert {t.row["kind"] for t in sampled} == {"cancel", "total", "address", "count"}
+    assert any(t.row["transfer"] for t in sampled)  # an episode that ends at the terminal tool is verified too
+    args = ["verify", str(EXAMPLE / "config.yaml"), "--set", "verify.tasks=8", "--set", "verify.concurrency=16",
             "--set", "sampling_max_tokens=400"]  # the scripted policy's tokens are bytes
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "PASS  reproducibility  12 tasks replayed: " in out and "12 final states identical" in out
     assert " 0 tool responses" not in out, out
-    for line in ("PASS  isolation        12 concurrent rollouts match", "PASS  schema           6 tools match production",
-                 "PASS  reward/oracle    oracle reaches 1 on all 6 tasks", "PASS  reward/null"):
+    for line in ("PASS  isolation        16 concurrent rollouts match", "PASS  schema           6 tools match production",
+                 "PASS  reward/oracle    oracle reaches 1 on all 8 tasks", "PASS  reward/null"):
         assert line in out, out
     assert out.rstrip().endswith("verify: OK")
 
 
 @pytest.mark.slow
 def test_it_trains_for_two_steps(tmp_path: Path):
-    args = ["train", str(EXAMPLE / "config.yaml"), "--set", "max_steps=2", "--set", "global_batch_size=4",
-            "--set", "group_size=2", "--set", f"output_dir={tmp_path}", "--set", "tracking.mlflow=false",
-            "--set", "tracking.progress=false", "--set", "warm_start.epochs=1"]
+    """The real job (tiny model, warm start, GRPO + PPO), shrunk to minutes: 8 demonstrations,
+    2 validation tasks, 2 steps of 2 tasks x 2 rollouts."""
+    (tmp_path / "demos.jsonl").write_text("".join((EXAMPLE / "data" / "demos.jsonl").read_text().splitlines(True)[:8]))
+    (tmp_path / "val.jsonl").write_text("".join((EXAMPLE / "data" / "val.jsonl").read_text().splitlines(True)[:2]))
+    args = ["train", str(EXAMPLE / "config.yaml"), "--set", "max_steps=2", "--set", "global_batch_size=2",
+            "--set", "group_size=2", "--set", "sampling_max_tokens=32", "--set", f"output_dir={tmp_path / 'runs'}",
+            "--set", f"warm_start.demos_path={tmp_path / 'demos.jsonl'}", "--set", f"data.val_path={tmp_path / 'val.jsonl'}",
+            "--set", "tracking.mlflow=false", "--set", "tracking.progress=false"]
     assert cli.main(args) == 0
-    run = next(tmp_path.glob("tau_retail-*"))
+    run = next((tmp_path / "runs").glob("tau_retail-*"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "rollout/reward/mean" in m] == [1, 2]

@@ -4,8 +4,8 @@
 
 No benchmark data is downloaded: `make_db` draws users, orders and products in the shape of
 tau-bench's retail database (`users`, `orders`, `products`, keyed by id; orders with
-`status`, `items`, `payment_history`; gift cards with a balance), smaller, so that the tiny
-model's prompts stay short. A task is one self-contained customer instruction (tau-bench
+`status`, `items`, `payment_history`; gift cards with a balance), smaller and with shorter ids
+(the tiny model's tokenizer spends a token per digit, and every prompt holds a tool's JSON). A task is one self-contained customer instruction (tau-bench
 simulates the user with an LLM; here the whole request is the first message):
 
 - cancel: "please cancel order #W..., I no longer need it / I ordered it by mistake". Gold:
@@ -36,7 +36,7 @@ from typing import Any
 from turnwise.env import Episode, SeedData, ToolBox, oracle_rollout
 
 DATA = Path(__file__).parent / "data"
-SEED, N_USERS, N_ORDERS, N_TRAIN, N_VAL, N_DEMOS = 0, 40, 80, 256, 16, 96
+SEED, N_USERS, N_ORDERS, N_TRAIN, N_VAL, N_DEMOS = 0, 40, 80, 256, 16, 32
 """What the committed data/ files were generated with."""
 EXPERT_WRONG_REASON_RATE = 0.6
 KIND_WEIGHTS = {"cancel": 0.45, "total": 0.2, "address": 0.15, "count": 0.2}
@@ -45,21 +45,20 @@ LAST = ("moore", "khan", "ahmed", "li", "rossi", "martin", "lopez", "silva", "ki
 CITIES = (("Austin", "TX", "787"), ("Dallas", "TX", "752"), ("Columbus", "OH", "432"), ("Denver", "CO", "802"),
           ("Seattle", "WA", "981"), ("Boston", "MA", "021"))
 STREETS = ("Main Street", "Elm Avenue", "River Road", "Cedar Lane", "Hillcrest Drive", "Broadway")
-PRODUCTS = {"Water Bottle": {"capacity": ("500ml", "1000ml"), "color": ("blue", "red")},
-            "Desk Lamp": {"color": ("black", "white"), "brightness": ("low", "high")},
-            "Office Chair": {"material": ("fabric", "leather"), "color": ("black", "gray")},
-            "Backpack": {"size": ("small", "large"), "color": ("green", "navy")}}
+PRODUCTS = {"Water Bottle": {"color": ("blue", "red")}, "Desk Lamp": {"color": ("black", "white")},
+            "Office Chair": {"material": ("fabric", "leather")}, "Backpack": {"size": ("small", "large")}}
 REASONS = {"no longer needed": "I no longer need it", "ordered by mistake": "I ordered it by mistake"}
 
 
 def _price(rng: random.Random) -> float:
     """A price whose two decimals both show (so "12.30" is never written "12.3" in the JSON)."""
-    return round(rng.randrange(10, 400) + rng.randrange(1, 10) / 10 + rng.randrange(1, 10) / 100, 2)
+    return round(rng.randrange(10, 99) + rng.randrange(1, 10) / 10 + rng.randrange(1, 10) / 100, 2)
 
 
 def _address(rng: random.Random) -> dict[str, str]:
     city, state, zip3 = rng.choice(CITIES)
-    return {"address1": f"{rng.randrange(10, 999)} {rng.choice(STREETS)}", "address2": f"Suite {rng.randrange(100, 999)}",
+    return {"address1": f"{rng.randrange(1, 99)} {rng.choice(STREETS)}",
+            "address2": rng.choice(["", "", f"Suite {rng.randrange(1, 9)}"]),
             "city": city, "country": "USA", "state": state, "zip": f"{zip3}{rng.randrange(10, 99)}"}
 
 
@@ -67,28 +66,28 @@ def make_db(rng: random.Random, n_users: int = N_USERS, n_orders: int = N_ORDERS
     """Users, orders and products in tau-bench's retail shape."""
     products: dict[str, Any] = {}
     for name, options in PRODUCTS.items():
-        pid = str(rng.randrange(10**9, 10**10))
+        pid = str(rng.randrange(1000, 9999))
         variants = {}
         for _ in range(3):
-            iid = str(rng.randrange(10**9, 10**10))
+            iid = str(rng.randrange(1000, 9999))
             variants[iid] = {"item_id": iid, "options": {k: rng.choice(v) for k, v in options.items()},
                              "available": rng.random() < 0.8, "price": _price(rng)}
         products[pid] = {"name": name, "product_id": pid, "variants": variants}
     users: dict[str, Any] = {}
     while len(users) < n_users:
         first, last = rng.choice(FIRST), rng.choice(LAST)
-        uid = f"{first}_{last}_{rng.randrange(1000, 9999)}"
-        card = f"{rng.choice(['gift_card', 'credit_card'])}_{rng.randrange(10**6, 10**7)}"
+        uid = f"{first}_{last}_{rng.randrange(10, 99)}"
+        card = f"{rng.choice(['gift_card', 'credit_card'])}_{rng.randrange(100, 999)}"
         method = {"source": card.rsplit("_", 1)[0], "id": card}
         if card.startswith("gift_card"):
             method["balance"] = float(rng.randrange(0, 200))
         users[uid] = {"user_id": uid, "name": {"first_name": first.title(), "last_name": last.title()},
-                      "address": _address(rng), "email": f"{first}.{last}{rng.randrange(10, 99)}@example.com",
+                      "address": _address(rng), "email": f"{uid.replace('_', '.')}@example.com",
                       "payment_methods": {card: method}, "orders": []}
     orders: dict[str, Any] = {}
     uids = list(users)
     while len(orders) < n_orders:
-        oid = f"#W{rng.randrange(10**6, 10**7)}"
+        oid = f"#W{rng.randrange(1000, 9999)}"
         user = users[rng.choice(uids)]
         product = products[rng.choice(list(products))]
         iid = rng.choice(list(product["variants"]))

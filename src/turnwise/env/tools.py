@@ -135,6 +135,8 @@ class Tool:
             declared = str(entry["function"]["name"])
             if name is not None and name != declared:
                 raise ValueError(f"tool name {name!r} differs from its schema's name {declared!r}")
+            if description is not None:
+                raise ValueError(f"tool {declared}: the description comes from its schema; drop description=")
             name = declared
         name = name or fn.__name__
         _check_name(name)
