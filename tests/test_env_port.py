@@ -246,3 +246,20 @@ def test_sync_tools_run_off_the_event_loop():
     threads.clear()
     gap, names = heartbeat_gap(box, "slow_inline")
     assert gap >= 0.3 and names == {threading.current_thread().name}
+
+
+def test_load_schemas_reads_the_production_file_by_name(tmp_path):
+    import yaml
+
+    from turnwise.env import load_schemas
+
+    (tmp_path / "tools.json").write_text(json.dumps({"tools": [PRODUCTION, SHIP["function"]]}))
+    (tmp_path / "tools.yaml").write_text(yaml.safe_dump([PRODUCTION]))
+    schemas = load_schemas(tmp_path / "tools.json")
+    assert list(schemas) == ["modify_user_address", "schedule"] and schemas["modify_user_address"] == PRODUCTION
+    assert load_schemas(tmp_path / "tools.yaml") == {"modify_user_address": PRODUCTION}
+    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="expected a list of OpenAI tool schemas"):
+        load_schemas(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="tool schema file not found"):
+        load_schemas(tmp_path / "missing.json")

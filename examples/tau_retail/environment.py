@@ -38,14 +38,14 @@ from turnwise.env import (
     ToolBox,
     ToolError,
     gold_state_match,
+    load_schemas,
     outputs_in_messages,
     tool,
 )
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
-PRODUCTION: dict[str, dict[str, Any]] = {
-    t["function"]["name"]: t for t in json.loads((DATA / "production_tools.json").read_text())}
+PRODUCTION = load_schemas(DATA / "production_tools.json")
 """The production tool schemas, by name (what verify's schema check compares against)."""
 SYSTEM_PROMPT = ("Retail support agent. Cancel only pending orders; transfer anything else to a human. "
                  "Confirm what you did in one sentence.")

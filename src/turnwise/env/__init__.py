@@ -28,13 +28,13 @@ from turnwise.env.rewards import (
     with_success,
 )
 from turnwise.env.sandbox import SandboxLimits, SandboxResult, SandboxStatus, run_python, run_sql
-from turnwise.env.schema import schema_diff
+from turnwise.env.schema import load_schemas, schema_diff
 from turnwise.env.tools import EnvironmentFault, Tool, ToolBox, ToolError, ToolResult, serialize_result, tool
 
 __all__ = [
     "Cassette", "CassetteMiss", "EnvironmentFault", "Episode", "IdGenerator", "LoopResult", "MissPolicy",
     "Reward", "SandboxLimits", "SandboxResult", "SandboxStatus", "SeedData", "StopReason", "Tool", "ToolBox", "ToolError",
     "ToolResult", "exact_match", "extract_final_output", "field_accuracy", "format_final_output", "gold_hash", "gold_state_match",
-    "lenient_match", "null_rollout", "oracle_rollout", "outputs_in_messages", "run_python", "run_sql", "run_tool_loop", "schema_diff",
+    "lenient_match", "load_schemas", "null_rollout", "oracle_rollout", "outputs_in_messages", "run_python", "run_sql", "run_tool_loop", "schema_diff",
     "score", "serialize_result", "state_match", "tool", "with_success",
 ]
