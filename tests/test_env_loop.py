@@ -59,7 +59,7 @@ def completion(content: str = "", calls: list[tuple[str, str]] = (), finish: str
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-@tool
+@tool(state_type=dict)  # the state is a plain dict here: the parameter annotated `dict` gets it
 def get_order(order_id: str, state: dict) -> dict:
     """Look up an order.
 
@@ -145,3 +145,28 @@ def test_same_replies_same_messages(server):
     script = [completion(calls=[("get_order", '{"order_id": "a"}')]), completion("done")]
     a, b = loop(server(list(script))), loop(server(list(script)))
     assert a.messages == b.messages
+
+
+@tool(terminal=True)
+def transfer_to_human_agents(summary: str) -> str:
+    """Transfer the user to a human agent."""
+    return "Transfer successful"
+
+
+def test_a_terminal_tool_ends_the_loop_there(server):
+    srv = server([completion(calls=[("get_order", '{"order_id": "a"}'),
+                                    ("transfer_to_human_agents", '{"summary": "wants a human"}'),
+                                    ("get_order", '{"order_id": "b"}')]),
+                  completion("this reply is never requested")])
+    state: dict = {}
+
+    async def main():
+        async with srv.client() as client:
+            return await run_tool_loop(client, "policy", [Message(role="user", content="human please")],
+                                       ToolBox([get_order, transfer_to_human_agents]), state, max_turns=5)
+
+    result = asyncio.run(main())
+    assert result.stop_reason is StopReason.TERMINAL_TOOL and result.terminal_tool == "transfer_to_human_agents"
+    assert (result.turns, result.tool_calls) == (1, 2)  # the call after the transfer never ran
+    assert result.messages[-1].content == "Transfer successful" and state == {"lookups": 1}
+    assert len(srv.requests) == 1 and result.metrics()["rollout/stop/terminal_tool"] == 1.0

@@ -6,6 +6,8 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from turnwise.env.episode import Episode
 from turnwise.env.oracle import format_final_output, null_rollout, oracle_rollout
 from turnwise.env.rewards import exact_match, state_match
@@ -55,3 +57,34 @@ def test_oracle_scores_one_null_scores_zero_and_runs_are_identical(tmp_path: Pat
     assert exact_match(n.messages, TASK["answer"]).value == 0.0
     assert state_match(hash_n, hash_a).value == 0.0
     assert format_final_output({"b": 1, "a": 2}) == '<final_output>{"a":2,"b":1}</final_output>'
+
+
+@tool(terminal=True)
+def transfer_to_human_agents(summary: str, state: Episode) -> str:
+    """Hand the conversation to a human."""
+    state.data["transferred"] = summary
+    return "Transfer successful"
+
+
+def test_the_oracle_stops_at_a_terminal_tool():
+    box = ToolBox([transfer_to_human_agents])
+    gold = [{"name": "transfer_to_human_agents", "arguments": {"summary": "refund above limit"}}]
+
+    async def main(actions):
+        with Episode() as ep:
+            return await oracle_rollout(box, ep, TASK["messages"], actions, TASK["answer"]), ep.data
+
+    result, data = asyncio.run(main(gold))
+    assert result.stop_reason.value == "terminal_tool" and result.terminal_tool == "transfer_to_human_agents"
+    assert result.messages[-1].role == "tool" and data == {"transferred": "refund above limit"}
+    assert exact_match(result.messages, TASK["answer"]).value == 0.0  # no answer after the episode ended
+    with pytest.raises(ValueError, match=r"gold action 2 \(transfer_to_human_agents\) comes after the terminal"):
+        asyncio.run(main(gold * 2))
+
+
+def test_box_replay_stops_at_a_terminal_tool():
+    box = ToolBox([transfer_to_human_agents, cancel_order])
+    with Episode() as ep:
+        results = asyncio.run(box.replay([{"name": "transfer_to_human_agents", "arguments": {"summary": "s"}},
+                                          {"name": "cancel_order", "arguments": {"order_id": "x"}}], ep))
+    assert [r.terminal for r in results] == [True]

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from turnwise.env import Episode, ToolBox, gold_state_match, outputs_in_messages, tool
 from turnwise.env.rewards import (
     Reward,
     exact_match,
@@ -113,3 +114,60 @@ def test_custom_rewards_sync_async_and_tuples():
             await score(lambda: "good")
 
     asyncio.run(main())
+
+
+def test_gold_state_match_replays_once_per_task_and_compares_hashes():
+    @tool
+    def cancel(order_id: str, ep: Episode) -> str:
+        """Cancel."""
+        ep.data["orders"][order_id] = "cancelled"
+        return "ok"
+
+    box = ToolBox([cancel])
+    seed = {"orders": {"a": "pending", "b": "pending"}}
+    replays: list[str] = []
+
+    async def replay_gold(task: dict) -> Episode:
+        replays.append(task["id"])
+        ep = Episode(data=seed)
+        await box.replay(task["actions"], ep)
+        return ep
+
+    task = {"id": "t1", "actions": [{"name": "cancel", "arguments": {"order_id": "a"}}]}
+
+    async def rollout(order_id: str | None) -> float:
+        with Episode(data=seed) as ep:
+            if order_id:
+                await box.call("cancel", {"order_id": order_id}, ep)
+            return (await gold_state_match(task, replay_gold, ep)).value
+
+    async def main() -> list[float]:
+        return await asyncio.gather(*(rollout(o) for o in ["a", "b", None, "a"] * 4))
+
+    assert asyncio.run(main()) == [1.0, 0.0, 0.0, 1.0] * 4
+    assert replays == ["t1"]  # sixteen rollouts, one gold replay
+    asyncio.run(main())
+    assert replays == ["t1"]  # cached across event loops too
+
+    async def bad(task: dict) -> int:
+        return 3
+
+    with pytest.raises(TypeError, match="expected an Episode or its state hash"):
+        asyncio.run(gold_state_match({"id": "t2"}, bad, "h"))
+
+
+def test_outputs_in_messages_is_tau_benchs_rule():
+    messages = [{"role": "user", "content": "what did I pay? 1,234.50?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                Message(role="tool", content="1234.50", tool_call_id="c"),
+                {"role": "assistant", "content": "You paid $1,234.50 for the Office Chair."}]
+    r = outputs_in_messages(["1234.50", "office chair"], messages)
+    assert r.value == 1.0 and r.metrics["outputs_found"] == 2.0
+    missing = outputs_in_messages(["1234.50", "refund"], messages)  # tool and user text do not count
+    assert missing.value == 0.0 and missing.metrics == {"outputs_match": 0.0, "outputs_found": 1.0,
+                                                        "outputs_total": 2.0}
+    assert outputs_in_messages(["1,234.50"], messages).value == 0.0  # as in tau-bench: only the message loses commas
+    assert outputs_in_messages([], messages).value == 1.0
+    with pytest.raises(TypeError, match="not one string"):
+        outputs_in_messages("1234.50", messages)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from turnwise.env.episode import Episode
 from turnwise.env.schema import schema_diff, validate
 from turnwise.env.tools import Tool, ToolBox, ToolError, serialize_result, tool
 
@@ -21,7 +22,7 @@ class Reason(str, enum.Enum):
 
 
 @tool
-def refund_order(order_id: str, amount: float, reason: Reason, notify: bool = True, state: dict | None = None) -> dict:
+def refund_order(order_id: str, amount: float, reason: Reason, notify: bool = True, ep: Episode | None = None) -> dict:
     """Refund part or all of an order.
 
     Args:
@@ -35,8 +36,8 @@ def refund_order(order_id: str, amount: float, reason: Reason, notify: bool = Tr
         raise ToolError(f"order {order_id} not found")
     if order_id == "crash":
         raise KeyError("boom")
-    assert state is not None
-    state.setdefault("refunds", []).append(order_id)
+    assert ep is not None
+    ep.data.setdefault("refunds", []).append(order_id)
     return {"order_id": order_id, "refunded": amount, "reason": reason.value, "status": "ok", "notify": notify}
 
 
@@ -71,11 +72,11 @@ def test_schema_from_signature_and_docstring():
 
 def test_successful_call_is_canonical_json_and_gets_state():
     box = ToolBox([refund_order, _ping])
-    state: dict = {}
-    r = run(box.call("refund_order", '{ "reason": "late", "amount": 5, "order_id": "ord_1" }', state))
-    assert not r.is_error
-    assert r.content == '{"notify":true,"order_id":"ord_1","reason":"late","refunded":5.0,"status":"ok"}'
-    assert state == {"refunds": ["ord_1"]}
+    with Episode() as ep:
+        r = run(box.call("refund_order", '{ "reason": "late", "amount": 5, "order_id": "ord_1" }', ep))
+        assert not r.is_error
+        assert r.content == '{"notify":true,"order_id":"ord_1","reason":"late","refunded":5.0,"status":"ok"}'
+        assert ep.data == {"refunds": ["ord_1"]}
     assert run(box.call("ping", "", None)).content == "pong"  # "" means no arguments
 
 
@@ -95,7 +96,8 @@ def test_successful_call_is_canonical_json_and_gets_state():
      "refund_order failed: KeyError: 'boom'"),
 ])
 def test_every_bad_call_becomes_an_error_result(name, args, kind, needle):
-    r = run(ToolBox([refund_order, _ping]).call(name, args, {}))
+    with Episode() as ep:
+        r = run(ToolBox([refund_order, _ping]).call(name, args, ep))
     assert r.is_error and r.error_kind == kind
     assert r.content.startswith("Error: ")
     assert needle in r.content
@@ -187,12 +189,12 @@ def test_validator_types_and_combinators():
 
 def test_replay_runs_gold_actions_in_order():
     box = ToolBox([refund_order])
-    state: dict = {}
-    results = run(box.replay([{"name": "refund_order", "arguments": {"order_id": "a", "amount": 1, "reason": "late"}},
-                              {"name": "refund_order", "arguments": {"order_id": "b", "amount": 2, "reason": "damaged"}}],
-                             state))
-    assert [r.is_error for r in results] == [False, False]
-    assert state["refunds"] == ["a", "b"]
+    with Episode() as ep:
+        results = run(box.replay([{"name": "refund_order", "arguments": {"order_id": "a", "amount": 1, "reason": "late"}},
+                                  {"name": "refund_order", "arguments": {"order_id": "b", "amount": 2, "reason": "damaged"}}],
+                                 ep))
+        assert [r.is_error for r in results] == [False, False]
+        assert ep.data["refunds"] == ["a", "b"]
 
 
 def test_schema_diff_reports_drift():

@@ -1,5 +1,5 @@
 """Per-rollout episode state: a private temp dir, deterministic ids and clock, a private
-SQLite copy of a seed database, free-form data, and a hash of it all.
+SQLite copy of a seed database, JSON/dict data (its own copy of a seed), and a hash of it all.
 
     async with Episode(seed=f"{task.id}:{rollout_index}", seed_db="orders.db") as ep:
         ep.db.execute("UPDATE orders SET status = 'refunded' WHERE id = ?", (order_id,))
@@ -11,14 +11,16 @@ Isolation: each episode copies the seed database into its own directory (a refli
 filesystem supports it, else a kernel-side `copy_file_range`), or into memory with
 `in_memory=True` through SQLite's backup API. The connection runs in autocommit with
 `synchronous=OFF` and an in-memory journal: an episode is thrown away, so durability buys
-nothing. The directory is removed when the context exits, on success or failure (and by a
+nothing. `data=` seeds `ep.data` for JSON state: a mapping is deep-copied, a `SeedData` is
+shared copy-on-write (`turnwise.env.data`); either way no episode sees another's writes. The directory is removed when the context exits, on success or failure (and by a
 finalizer if an episode is dropped without closing).
 
 `state_hash()` is the SHA-256 of `state_snapshot()` in canonical JSON: every database object's
 SQL, every table's rows (each as the Python repr of its tuple: exact for text, integers, floats,
 blobs and NULL) sorted, so insertion order does not matter but values do, `data`, and the
 SHA-256 of each file in the directory except the database itself. `diff()` lists where two
-episodes differ.
+episodes differ. Hashing a large state takes tens of milliseconds: in async code use
+`await ep.state_hash_async()`, which hashes in the shared thread pool (`turnwise.env.offload`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ import shutil
 import sqlite3
 import tempfile
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pydantic_core
 
+from turnwise.env.data import SeedData, copy_json, data_canonical
+from turnwise.env.offload import run_blocking
 from turnwise.types import json_dumps_canonical
 
 _FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, XFS, bcachefs)
@@ -68,6 +73,7 @@ class Episode:
     """The state of one rollout (see the module docstring)."""
 
     def __init__(self, seed: int | str = 0, *, seed_db: str | os.PathLike[str] | None = None,
+                 data: Mapping[str, Any] | SeedData | None = None,
                  root: str | os.PathLike[str] | None = None, in_memory: bool = False,
                  clock_start: dt.datetime = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc),
                  clock_step: dt.timedelta = dt.timedelta(seconds=1)):
@@ -76,8 +82,11 @@ class Episode:
         """Deterministic id generator."""
         self.rng = random.Random(hashlib.sha256(f"rng\x00{seed}".encode()).digest())
         """Seeded random generator for simulated randomness."""
-        self.data: dict[str, Any] = {}
-        """Free-form JSON-able state (carts, sessions, ...); part of the state hash."""
+        if data is not None and not isinstance(data, SeedData | Mapping):
+            raise TypeError(f"Episode data must be a mapping or a SeedData, got {type(data).__name__}")
+        self.data: dict[str, Any] = (data.fresh() if isinstance(data, SeedData)
+                                     else copy_json(dict(data)) if data is not None else {})
+        """JSON-able state (a copy of `data=`; carts, sessions, a benchmark's database); part of the state hash."""
         self.dir = Path(tempfile.mkdtemp(prefix="turnwise-ep-", dir=root))
         """Private working directory, removed on close."""
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
@@ -113,16 +122,33 @@ class Episode:
 
     def state_snapshot(self) -> dict[str, Any]:
         """Everything the state hash covers, as canonical-JSON-able values."""
+        return {"db": self._db_snapshot(), "data": pydantic_core.to_jsonable_python(self.data),
+                "files": self._file_hashes()}
+
+    def _db_snapshot(self) -> dict[str, Any] | None:
+        return _db_snapshot(self._db) if self._db is not None else None
+
+    def _file_hashes(self) -> dict[str, str]:
         files = {}
         for p in sorted(self.dir.rglob("*")):
             if p.is_file() and not p.name.startswith(_DB_NAME):
                 files[p.relative_to(self.dir).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-        return {"db": _db_snapshot(self._db) if self._db is not None else None,
-                "data": pydantic_core.to_jsonable_python(self.data), "files": files}
+        return files
 
     def state_hash(self) -> str:
-        """SHA-256 (hex) of `state_snapshot()` in canonical JSON."""
-        return hashlib.sha256(json_dumps_canonical(self.state_snapshot()).encode()).hexdigest()
+        """SHA-256 (hex) of `state_snapshot()` in canonical JSON (built without the snapshot, so
+        the seed's records not touched are not serialized again)."""
+        text = (f'{{"data":{data_canonical(self.data)},"db":{json_dumps_canonical(self._db_snapshot())},'
+                f'"files":{json_dumps_canonical(self._file_hashes())}}}')
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    async def state_hash_async(self) -> str:
+        """`state_hash()` in the shared thread pool, off the event loop."""
+        return await run_blocking(self.state_hash)
+
+    async def state_snapshot_async(self) -> dict[str, Any]:
+        """`state_snapshot()` in the shared thread pool, off the event loop."""
+        return await run_blocking(self.state_snapshot)
 
     def diff(self, other: Episode) -> list[str]:
         """Where two episodes' states differ (tables, rows, data keys, files): for debugging a

@@ -5,11 +5,15 @@
         stop if the request failed (error), was cut by max_tokens (max_tokens),
              or asked for no tool (final_answer)
         run each requested tool call in order; append one tool message per call
+        stop if a call was to a terminal tool (terminal_tool)
     stop (max_turns)
 
 Tool calls run sequentially in the order the model wrote them, so the same replies give the
 same messages. A failed tool call is a tool message ("Error: ..."), counted in `tool_errors`;
-only a failed chat request ends the loop early with `StopReason.ERROR`.
+only a failed chat request ends the loop early with `StopReason.ERROR`. A call of a terminal
+tool (`@tool(terminal=True)`, "transfer to a human") ends the episode right after its tool
+message, whatever its outcome (as tau-bench's environments do); later calls of the same turn
+are not run, and the model is not asked again.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class LoopResult:
     """Tool calls whose result was an error."""
     error: str | None = None
     """The failed request's error, when stop_reason is ERROR."""
+    terminal_tool: str | None = None
+    """The terminal tool that ended the episode, when stop_reason is TERMINAL_TOOL."""
 
     @property
     def final_text(self) -> str:
@@ -107,4 +113,7 @@ async def run_tool_loop(
             n_calls += 1
             n_errors += result.is_error
             history.append(Message(role="tool", content=result.content, tool_call_id=call.id, name=call.name))
+            if result.terminal:
+                return LoopResult(tuple(history), StopReason.TERMINAL_TOOL, turns, n_calls, n_errors,
+                                  terminal_tool=call.name)
     return LoopResult(tuple(history), StopReason.MAX_TURNS, turns, n_calls, n_errors)

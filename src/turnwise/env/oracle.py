@@ -4,7 +4,9 @@ An environment is fit for training when the oracle (gold actions, then the gold 
 scores 1, the null agent (answers at once, calls nothing) scores 0, and running the oracle
 twice gives identical messages and state hashes. Both produce a `LoopResult` without any
 model, through the same `ToolBox.call` path an agent uses, so tool errors and serialization
-are exercised exactly as in training.
+are exercised exactly as in training. The oracle honours terminal tools: a gold action that
+calls one ends the rollout there (`StopReason.TERMINAL_TOOL`, no final answer), and a gold
+action after it is an error in the task, reported as such.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ def format_final_output(answer: Any) -> str:
 
 
 async def oracle_rollout(toolbox: ToolBox, state: Any, messages: Sequence[Message | Mapping[str, Any]],
-                         actions: Sequence[Mapping[str, Any]], answer: Any) -> LoopResult:
-    """Run the gold `actions` (`[{"name", "arguments"}]`), one assistant turn each, then answer."""
+                         actions: Sequence[Mapping[str, Any]], answer: Any = None, *,
+                         reply: str | None = None) -> LoopResult:
+    """Run the gold `actions` (`[{"name", "arguments"}]`), one assistant turn each, then answer:
+    `reply` verbatim when given, else `format_final_output(answer)`."""
     history = [m if isinstance(m, Message) else as_messages([m])[0] for m in messages]
     errors = 0
     for i, action in enumerate(actions):
@@ -34,7 +38,13 @@ async def oracle_rollout(toolbox: ToolBox, state: Any, messages: Sequence[Messag
         result = await toolbox.call(call.name, arguments, state)
         errors += result.is_error
         history.append(Message(role="tool", content=result.content, tool_call_id=call.id, name=call.name))
-    history.append(Message(role="assistant", content=format_final_output(answer)))
+        if result.terminal:
+            if i + 1 < len(actions):
+                raise ValueError(f"gold action {i + 2} ({actions[i + 1]['name']}) comes after the terminal tool "
+                                 f"{call.name}, so no episode can reach it")
+            return LoopResult(tuple(history), StopReason.TERMINAL_TOOL, turns=len(actions),
+                              tool_calls=len(actions), tool_errors=errors, terminal_tool=call.name)
+    history.append(Message(role="assistant", content=reply if reply is not None else format_final_output(answer)))
     return LoopResult(tuple(history), StopReason.FINAL_ANSWER, turns=len(actions) + 1,
                       tool_calls=len(actions), tool_errors=errors)
 

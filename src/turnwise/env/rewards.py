@@ -26,6 +26,12 @@ and `-` read as spaces; and a value matches if either string contains the other 
 Departure: SOP-Bench falls back to XML tags, bare JSON, Python dicts and plain text when
 there is no `<final_output>` object; here that scores 0.
 
+`gold_state_match` is the usual reward of stateful benchmarks (tau-bench): the final state's
+hash against the hash the task's gold actions reach from a fresh episode, computed once per
+task and cached. `outputs_in_messages` is tau-bench's output check: every required string,
+lowercased, is a substring of some assistant message lowercased with its commas removed
+("1,234.50" reads as "1234.50").
+
 `field_accuracy` is dense: `format_coef * format_ok + (1 - format_coef) * correct / total`
 where `format_ok` means the last block parsed to a JSON object, and fields are compared as
 in strict (or lenient) mode. Custom rewards are plain functions returning a `Reward`, a float
@@ -34,15 +40,18 @@ or `(float, metrics)`; `score` normalizes any of them, awaiting async ones.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnwise.types import Message
+from turnwise.env.episode import Episode
+from turnwise.types import Message, as_messages, json_dumps_canonical
 
 _BLOCK_RE = re.compile(r"<final_output>(.*?)</final_output>", re.DOTALL | re.IGNORECASE)
 _SOP_BLOCK_RE = re.compile(r"<final_output>\s*(\{.*?\})\s*</final_output>", re.DOTALL | re.IGNORECASE)
@@ -193,6 +202,78 @@ def state_match(actual_hash: str, expected_hash: str) -> Reward:
     """1.0 when an episode's final state hash equals the one reached by the gold actions."""
     value = float(actual_hash == expected_hash)
     return Reward(value, {"state_match": value})
+
+
+ReplayFn = Callable[[Any], "Episode | str | Awaitable[Episode | str]"]
+"""Builds a fresh episode for a task and replays its gold actions; returns the episode (verify
+then hashes and closes it) or its state hash. Sync or async."""
+
+_gold_hashes: weakref.WeakKeyDictionary[Callable[..., Any], dict[str, str]] = weakref.WeakKeyDictionary()
+_gold_inflight: dict[tuple[int, int, str], asyncio.Future[str]] = {}
+
+
+def _task_key(task: Any) -> str:
+    """A task's id (`task.id` or `task["id"]`), else its canonical JSON."""
+    tid = task.get("id") if isinstance(task, Mapping) else getattr(task, "id", None)
+    return f"id:{tid}" if tid is not None else json_dumps_canonical(task)
+
+
+async def gold_hash(task: Any, replay_fn: ReplayFn) -> str:
+    """The state hash the task's gold actions reach (`replay_fn`), computed once per task and
+    replay function; concurrent rollouts of one task wait for the same replay."""
+    cache = _gold_hashes.setdefault(replay_fn, {})
+    key = _task_key(task)
+    if key in cache:
+        return cache[key]
+    slot = (id(asyncio.get_running_loop()), id(replay_fn), key)
+    if slot in _gold_inflight:
+        return await asyncio.shield(_gold_inflight[slot])
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    _gold_inflight[slot] = future
+    try:
+        out = replay_fn(task)
+        if inspect.isawaitable(out):
+            out = await out
+        if isinstance(out, Episode):
+            episode = out
+            try:
+                out = await episode.state_hash_async()
+            finally:
+                episode.close()
+        if not isinstance(out, str):
+            raise TypeError(f"replay function {getattr(replay_fn, '__name__', replay_fn)!r} returned "
+                            f"{type(out).__name__}; expected an Episode or its state hash")
+        cache[key] = out
+        future.set_result(out)
+        return out
+    except BaseException as e:
+        future.set_exception(e)
+        future.exception()  # retrieved: waiters get it, nobody is warned about it
+        raise
+    finally:
+        del _gold_inflight[slot]
+
+
+async def gold_state_match(task: Any, replay_fn: ReplayFn, actual: Episode | str) -> Reward:
+    """1.0 when `actual` (the rollout's episode, or its state hash) is in the state the task's
+    gold actions reach from a fresh episode (`gold_hash`, cached per task), else 0.0."""
+    expected = await gold_hash(task, replay_fn)
+    got = await actual.state_hash_async() if isinstance(actual, Episode) else actual
+    return state_match(got, expected)
+
+
+def outputs_in_messages(required: Sequence[str], messages: Sequence[Message | Mapping[str, Any]]) -> Reward:
+    """1.0 when every required output appears in some assistant message (tau-bench's rule:
+    case-insensitive, commas removed from the message), else 0.0; no outputs required is 1.0."""
+    if isinstance(required, str):
+        raise TypeError("required outputs must be a list of strings, not one string")
+    texts = [m.content.lower().replace(",", "")
+             for m in (x if isinstance(x, Message) else as_messages([x])[0] for x in messages)
+             if m.role == "assistant" and m.content]
+    found = [any(str(out).lower() in t for t in texts) for out in required]
+    value = float(all(found))
+    return Reward(value, {"outputs_match": value, "outputs_found": float(sum(found)),
+                          "outputs_total": float(len(found))})
 
 
 def with_success(reward: Reward, threshold: float = 1.0) -> Reward:

@@ -13,8 +13,11 @@ No dependency: `jsonschema` pulls in a compiled extension (`rpds-py`).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 _TYPE_NAMES = {
@@ -150,3 +153,29 @@ def schema_diff(actual: Any, expected: Any, path: str = "$") -> list[str]:
         return [d for i, (a, e) in enumerate(zip(actual, expected, strict=True))
                 for d in schema_diff(a, e, f"{path}[{i}]")]
     return [] if _same(actual, expected) else [f"{path}: {actual!r} != expected {expected!r}"]
+
+
+def load_schemas(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """A production tools file (the one `verify.production_schemas` names: JSON or YAML, a list
+    of OpenAI tool entries or `{"tools": [...]}`), by tool name, each entry as written, for
+    `@tool(schema=schemas["name"])`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tool schema file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        value = yaml.safe_load(text)
+    else:
+        value = json.loads(text)
+    if isinstance(value, Mapping) and "tools" in value:
+        value = value["tools"]
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise ValueError(f"{path}: expected a list of OpenAI tool schemas, got {type(value).__name__}")
+    out: dict[str, dict[str, Any]] = {}
+    for t in value:
+        spec = t.get("function", t)
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise ValueError(f"{path}: a tool entry has no function name: {json.dumps(t)[:120]}")
+        out[str(spec["name"])] = dict(t)
+    return out
