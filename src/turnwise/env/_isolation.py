@@ -4,8 +4,8 @@ bubblewrap (`bwrap`, https://github.com/containers/bubblewrap) builds the sandbo
 from nothing: a new user, pid, network, IPC, UTS and cgroup namespace; an empty tmpfs root,
 read-only from the start, holding only the read-only binds of an explicit allow-list (the
 interpreter's prefix and the system libraries; the system binaries only when the code may
-start processes; `extra_read_only` paths), a minimal `/dev`, the pid namespace's own `/proc`,
-and the sandbox directory, the one writable path. The code runs as uid 65534 with no
+start processes; `extra_read_only` paths), a minimal `/dev` with a small private `/dev/shm`,
+no `/proc` at all, and the sandbox directory, the one writable path. The code runs as uid 65534 with no
 capabilities, in a new session (no TIOCSTI into the caller's terminal), cannot create further
 user namespaces, and dies with its parent. Task data, the trainer's `/proc`, its environment
 and every other host file are not hidden but absent.
@@ -93,7 +93,9 @@ def bwrap_command(*, workdir: Path, python: str | None, allow_subprocess: bool, 
         if not any(p == b or p.startswith(b + "/") for b in bound) and os.path.exists(p):
             args += ["--ro-bind", p, p]
             bound.add(p)
-    args += ["--dev", "/dev", "--size", str(shm_bytes), "--tmpfs", "/dev/shm", "--proc", "/proc",
+    # no /proc: in it, files owned by root (to whom uid 65534 maps when the host runs bwrap as root)
+    # stay writable by their mode, /proc/sys/kernel/core_pattern among them; nothing here needs it
+    args += ["--dev", "/dev", "--size", str(shm_bytes), "--tmpfs", "/dev/shm",
              "--bind", str(workdir), str(workdir), "--chdir", str(workdir), "--remount-ro", "/", "--clearenv"]
     for k, v in env.items():
         args += ["--setenv", k, v]
