@@ -146,7 +146,8 @@ class TrajectoryStatus(str, enum.Enum):
 
 TRAJECTORY_TRANSITIONS: Mapping[TrajectoryStatus, frozenset[TrajectoryStatus]] = {
     TrajectoryStatus.IN_PROGRESS: frozenset({TrajectoryStatus.READY, TrajectoryStatus.FAILED}),
-    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED}),
+    # ready -> failed only when its reward is rejected (wrong length, not finite): store.reject_rewards
+    TrajectoryStatus.READY: frozenset({TrajectoryStatus.REWARDED, TrajectoryStatus.FAILED}),
     TrajectoryStatus.FAILED: frozenset(),
     TrajectoryStatus.REWARDED: frozenset(),
 }

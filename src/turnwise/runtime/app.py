@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from turnwise.runtime import openai_routes, rollout_routes, task_routes
 from turnwise.runtime.auth import Auth
-from turnwise.runtime.deps import ApiError, Runtime
+from turnwise.runtime.deps import TRAJECTORY_HEADERS, ApiError, Runtime
 from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import SamplingParams
@@ -119,6 +119,10 @@ def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_na
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             for item in spec.get("paths", {}).values():
                 for op in item.values():
+                    for param in op.get("parameters", ()):  # one of the two names is required; the spec
+                        if param.get("in") == "header" and param.get("name") == TRAJECTORY_HEADERS[0]:
+                            param["required"] = True  # names the canonical one (the alias works too)
+                            param["schema"] = {"type": "string", "minLength": 1, "maxLength": 512}
                     if op.get("responses", {}).pop("422", None) is not None:
                         op["responses"].setdefault("400", {"description": "Malformed request",
                                                            "content": {"application/json": {"schema": {

@@ -22,6 +22,8 @@ from turnwise.runtime.store import ClientTokenConflict, TransitionError, Unknown
 from turnwise.runtime.tasks import TaskQueue
 
 router = APIRouter(tags=["rollouts"])
+INVALID_REWARD = "invalid reward"
+"""Prefix of the error of a rollout whose update-reward could not be used (its typed reason)."""
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -54,8 +56,10 @@ async def update_reward(body: UpdateRewardRequest, rt: RuntimeDep, caller: Calle
         store.set_rewards(body.TrajectoryId, body.Rewards, client_token=body.ClientToken)
     except (UnknownTrajectory, TransitionError, ClientTokenConflict) as e:
         raise ApiError(404 if isinstance(e, UnknownTrajectory) else 409, str(e)) from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    except ValueError as e:  # wrong length or not finite: that rollout fails, with the reason
+        reason = f"{INVALID_REWARD}: {e}"
+        failed = store.reject_rewards(body.TrajectoryId, reason)
+        raise ApiError(400, reason + ("; the trajectory is now failed" if failed else "")) from None
     trajectory = store.get(body.TrajectoryId, last_turn_only=True)
     return {"TrajectoryId": body.TrajectoryId, "Status": trajectory.status.value if trajectory else "unknown"}
 

@@ -6,7 +6,8 @@ process crashes; pass synchronous="FULL" to survive power loss too). One connect
 file, guarded by a lock, so a store is safe to share between threads (the server's event loop,
 the trainer). Several processes may open the same file; SQLite's locking orders their writes.
 
-Lifecycle (`TRAJECTORY_TRANSITIONS`): in_progress -> ready | failed; ready -> rewarded.
+Lifecycle (`TRAJECTORY_TRANSITIONS`): in_progress -> ready | failed; ready -> rewarded, or
+failed when its reward is rejected (`reject_rewards`).
 A `ClientToken` makes `complete` and `set_rewards` idempotent: repeating a call with the token
 that already took effect is a no-op success.
 """
@@ -295,12 +296,21 @@ class TrajectoryStore:
                     raise ClientTokenConflict(f"ClientToken {client_token!r} already completed trajectory "
                                               f"{trajectory_id!r} as {done_as.value}, not {status.value}")
                 return
-            if status not in TRAJECTORY_TRANSITIONS[current]:
+            if current != TrajectoryStatus.IN_PROGRESS or status not in TRAJECTORY_TRANSITIONS[current]:
                 raise TransitionError(f"trajectory {trajectory_id!r} is {current.value}: not in valid status "
                                       f"to complete as {status.value} (needs in_progress)")
             conn.execute("UPDATE trajectories SET status=?, error=?, complete_token=?, updated_at=? "
                          "WHERE job_id=? AND id=?",
                          (status.value, error, client_token, time.time(), self.job_id, trajectory_id))
+
+    def reject_rewards(self, trajectory_id: str, error: str) -> bool:
+        """A READY trajectory whose reward cannot be used becomes FAILED with `error` (so the step
+        goes on without it and it is never trained on). False when it was not READY."""
+        with self._tx() as conn:
+            cur = conn.execute("UPDATE trajectories SET status=?, error=?, updated_at=? WHERE job_id=? AND id=? "
+                               "AND status=?", (TrajectoryStatus.FAILED.value, error[:4096], time.time(),
+                                                self.job_id, trajectory_id, TrajectoryStatus.READY.value))
+            return cur.rowcount == 1
 
     def set_rewards(self, trajectory_id: str, rewards: Sequence[float] | float, *,
                     client_token: str | None = None) -> None:

@@ -134,7 +134,9 @@ class TaskQueue:
         for lease in leases:
             self.store.begin(lease.trajectory_id)  # exists from the start: a failure is recorded even then
             payload = copy.deepcopy(dict(lease.payload))
-            meta = payload.setdefault("metadata", {})
+            meta = payload.get("metadata")
+            if not isinstance(meta, dict):  # rows queued before POST /tasks validated payloads
+                meta = payload["metadata"] = {}
             meta["trajectory_id"] = meta["rolloutId"] = lease.trajectory_id
             out.append(Lease(**{**lease.__dict__, "payload": payload}))
         return out

@@ -30,6 +30,7 @@ class EmbeddedRuntime:
     def __init__(self, cfg: JobConfig, run_dir: Path, job_id: str, model_path: str | None = None) -> None:
         model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
         self.cfg = cfg
+        cfg.sandbox.export()  # in-process agents' sandboxes follow sandbox.require_isolation
         self.model, self.tokenizer = load_policy(model_cfg)
         self.chat = ChatFormat(self.tokenizer, cfg.model.tool_call_format)
         self.engine = SamplerEngine(self.model, self.tokenizer, max_batch_size=cfg.sampler.max_batch_size)
@@ -61,7 +62,7 @@ class EmbeddedRuntime:
     def dispatcher(self, agent: AgentFn | None = None) -> RolloutDispatcher:
         """The dispatcher of `agent.kind`: `agent` runs in process (python; None loads
         `agent.function`); http pushes to `agent.url`; worker queues tasks for pull workers."""
-        api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
+        api_key = self.cfg.runtime.own_key()
         return make_dispatcher(self.cfg.agent, agent, base_url=self.server.base_url, model=self.model_name,
                                store=self.store, api_key=api_key)
 
