@@ -89,9 +89,9 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=no_retry)
 
 
-def _takes_cache_key(sampler: Sampler) -> bool:
+def _takes_cache_key(sampler: Sampler, name: str = "cache_key") -> bool:
     try:
-        return "cache_key" in inspect.signature(sampler.generate).parameters
+        return name in inspect.signature(sampler.generate).parameters
     except (TypeError, ValueError):
         return False
 
@@ -99,7 +99,8 @@ def _takes_cache_key(sampler: Sampler) -> bool:
 def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_name: str,
                default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
-               task_max_attempts: int = 3) -> FastAPI:
+               task_max_attempts: int = 3, seed: int | None = 0,
+               sampling_overrides: str = "warn") -> FastAPI:
     """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`)."""
     app = FastAPI(title="turnwise runtime", version="1",
                   description="OpenAI-compatible sampling with token-exact trajectory capture, "
@@ -107,7 +108,11 @@ def create_app(*, sampler: Sampler, chat: Chat, store: TrajectoryStore, model_na
     app.state.runtime = Runtime(
         sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
         auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
-        task_max_attempts=task_max_attempts, sampler_takes_cache_key=_takes_cache_key(sampler))
+        task_max_attempts=task_max_attempts, sampler_takes_cache_key=_takes_cache_key(sampler),
+        sampler_takes_on_token=_takes_cache_key(sampler, "on_token"), seed=seed,
+        sampling_overrides=sampling_overrides)
+    if sampling_overrides not in ("allow", "warn", "deny"):
+        raise ValueError(f"sampling_overrides must be allow, warn or deny, not {sampling_overrides!r}")
     app.include_router(openai_routes.router)
     app.include_router(rollout_routes.router)
     app.include_router(task_routes.router)

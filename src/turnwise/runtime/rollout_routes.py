@@ -105,7 +105,7 @@ async def job_stats(job_id: str, rt: RuntimeDep, caller: CallerDep) -> dict[str,
     stats = store.stats()
     return {"job_id": stats.job_id, "trajectories": dict(stats.trajectories_by_status),
             "usage": _usage(stats.usage), "prompt_plans": dict(rt.prompt_plans),
-            "tasks": TaskQueue(store).counts()}
+            "tasks": TaskQueue(store).counts(), "sampling_overrides": dict(rt.override_counts)}
 
 
 @router.get("/health", response_model=HealthOut)

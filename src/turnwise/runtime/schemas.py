@@ -262,6 +262,8 @@ class JobStatsOut(BaseModel):
     usage: UsageStats
     prompt_plans: dict[str, int] = Field(description="Prompts per plan reason since the server started")
     tasks: dict[str, int] = Field(description="Pull-worker tasks by status")
+    sampling_overrides: dict[str, int] = Field(
+        default_factory=dict, description="Requests whose sampling differed from the job's, by param/outcome")
 
 
 class HealthOut(BaseModel):

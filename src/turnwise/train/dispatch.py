@@ -148,6 +148,7 @@ class Dispatcher:
                                  model=self.model, inference_params=dict(inference_params),
                                  api_key=self.api_key)
             self.store.begin(ctx.trajectory_id)
+            self.store.expect_sampling(ctx.trajectory_id, inference_params)  # runtime.sampling_overrides
             client = ctx.async_openai()
             start = time.perf_counter()
             metrics: dict[str, float] = {}

@@ -39,7 +39,8 @@ class EmbeddedRuntime:
         app = create_app(sampler=self.engine, chat=self.chat, store=self.store, model_name=self.model_name,
                          default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                          max_body_bytes=cfg.runtime.max_body_bytes,
-                         opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback)
+                         opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback,
+                         seed=cfg.seed, sampling_overrides=cfg.runtime.sampling_overrides)
         self.server = RuntimeServer(app, host=cfg.runtime.host, port=cfg.runtime.port)
         self.loop = asyncio.new_event_loop()
 
