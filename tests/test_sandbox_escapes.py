@@ -32,6 +32,15 @@ pytestmark = pytest.mark.skipif(bwrap_problem() is not None,
                                 reason=f"{bwrap_problem()}: install bubblewrap (apt-get install bubblewrap)")
 
 S = SandboxStatus
+ATTEMPTS: list[str] = []
+"""Every escape attempt made (each test asserts each one failed); tallied at the end (`pytest -s`)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally():
+    yield
+    print(f"\nescapes: {len(ATTEMPTS)} attempts ({sum(a.startswith('unhooked') for a in ATTEMPTS)} from an "
+          "interpreter without the audit hook)")
 REPO = Path(__file__).resolve().parents[1]
 TASK_DATA = REPO / "examples" / "support_desk" / "data" / "test.jsonl"
 LIMITS = SandboxLimits(wall_s=8, cpu_s=4, memory_mb=512, file_size_mb=4, processes=16, output_bytes=1 << 20)
@@ -61,6 +70,8 @@ def unhooked(script):
 
 def attack(script: str, limits: SandboxLimits = LIMITS, **kw: Any) -> tuple[SandboxResult, dict[str, Any]]:
     """Run `script` (which prints one JSON object last) unhooked inside the sandbox."""
+    if "done = {}" not in script:  # try_all counted its own
+        ATTEMPTS.append("unhooked: " + script.strip().splitlines()[0][:60])
     code = UNHOOKED + f"result = unhooked({script!r})\n"
     r = asyncio.run(run_python(code, limits=limits, **kw))
     assert "bwrap" in r.isolation, r.isolation
@@ -69,11 +80,14 @@ def attack(script: str, limits: SandboxLimits = LIMITS, **kw: Any) -> tuple[Sand
 
 
 def sandbox(code: str, limits: SandboxLimits = LIMITS, **kw: Any) -> SandboxResult:
+    ATTEMPTS.append("hooked: " + code.strip().splitlines()[-1][:60])
     return asyncio.run(run_python(code, limits=limits, **kw))
 
 
-def try_all(ops: dict[str, str]) -> str:
+def try_all(ops: dict[str, str], *, escapes: bool = True) -> str:
     """A script that runs each named statement and prints which ones succeeded."""
+    if escapes:
+        ATTEMPTS.extend(f"unhooked: {name}" for name in ops)
     lines = ["import ctypes, ctypes.util, json, os, signal, socket, subprocess, sys", "done = {}"]
     for name, stmt in ops.items():
         lines += ["try:", *("    " + ln for ln in stmt.splitlines()), f"    done[{name!r}] = True",
@@ -103,7 +117,8 @@ LIBC = "libc = ctypes.CDLL(None, use_errno=True)\n"
 def test_the_unhooked_interpreter_really_has_no_audit_hook():
     # the premise of this file: inside, code can reach a hook-free interpreter; bwrap must hold alone
     r, done = attack(try_all({"ctypes": LIBC + "assert libc.getpid() > 0",
-                              "fork": "pid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)"}))
+                              "fork": "pid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)"},
+                             escapes=False))
     assert succeeded(done) == ["ctypes", "fork"], done
     assert r.status is S.OK
 
