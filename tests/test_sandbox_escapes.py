@@ -100,6 +100,12 @@ def succeeded(done: dict[str, Any]) -> list[str]:
     return [k for k, v in done.items() if v is True]
 
 
+def skip_if_subprocesses_refused(r: SandboxResult) -> None:
+    """As root without a writable pids cgroup nothing bounds processes, so the sandbox refuses them."""
+    if any("allow_subprocess refused" in n for n in r.notes):
+        pytest.skip("allow_subprocess refused here (root without a writable pids cgroup)")
+
+
 def leftovers(marker: str) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -148,6 +154,7 @@ def test_killing_the_trainer_and_its_neighbours_fails():
 def test_kill_parent_from_a_shell_under_allow_subprocess_ends_only_the_sandbox():
     r = sandbox("import subprocess\np = subprocess.run(['sh', '-c', 'kill -9 1; kill -9 $PPID'])\nresult = 1",
                 SUBPROCESS)
+    skip_if_subprocesses_refused(r)
     # $PPID is the sandbox child: it dies (SIGKILL), and the trainer, this process, reads that
     assert "bwrap" in r.isolation and r.exit_code == -signal.SIGKILL and r.result is None
 
@@ -252,6 +259,7 @@ def test_unshare_inside_fails():
     assert succeeded(done) == [], done
     r = sandbox("import subprocess\np = subprocess.run(['unshare', '-r', 'id'], capture_output=True, text=True)\n"
                 "result = p.returncode", SUBPROCESS)
+    skip_if_subprocesses_refused(r)
     assert r.result not in (0, None), (r.result, r.stderr)
 
 

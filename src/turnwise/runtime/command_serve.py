@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                      model_name=job_id, default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                      max_body_bytes=cfg.runtime.max_body_bytes,
                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback,
-                         seed=cfg.seed, sampling_overrides=cfg.runtime.sampling_overrides)
+                     seed=cfg.seed, sampling_overrides=cfg.runtime.sampling_overrides)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
