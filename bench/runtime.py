@@ -7,8 +7,12 @@
 (b) 1,024 concurrent rollouts of 3 turns each through the OpenAI SDK (a client per rollout, as
     the trainer's dispatcher does), each then reporting complete-rollout and update-reward: all must be recorded
     and rewarded, with one token-exact segment each; rollouts per second.
+(c) First-token latency with the built-in tiny model's sampler engine (a real sampler):
+    sequential streamed requests through the OpenAI SDK (time to the first content chunk) side
+    by side with the same requests unstreamed (time to the whole completion, which is also
+    what streaming cost before it was real); `--first-token 0` skips it.
 
-    .venv/bin/python bench/runtime.py [--requests 3000] [--rollouts 1024]
+    .venv/bin/python bench/runtime.py [--requests 3000] [--rollouts 1024] [--first-token 40]
 
 The server runs in a background thread of this process (the embedded default), so the client
 and the server share the interpreter; the last line is `runtime_overhead_p50_ms: <value>`.
@@ -104,6 +108,41 @@ async def many_rollouts(base_url: str, n: int) -> float:
     return seconds
 
 
+def first_token_ms(n: int, max_tokens: int) -> tuple[list[float], list[float], list[int]]:
+    """(streamed: ms to the first content chunk, unstreamed: ms to the whole reply, tokens per reply)."""
+    import openai
+
+    from turnwise.config import ModelConfig
+    from turnwise.policy.chat import ChatFormat
+    from turnwise.policy.load import load_policy
+    from turnwise.policy.sampler import SamplerEngine
+    from turnwise.runtime.app import create_app
+
+    model, tokenizer = load_policy(ModelConfig())
+    first, whole, lengths = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, SamplerEngine(model, tokenizer, max_batch_size=8) as engine:
+        app = create_app(sampler=engine, chat=ChatFormat(tokenizer), store=TrajectoryStore(Path(tmp) / "t.db", "ft"),
+                         model_name="tiny", default_params=default_sampling_params(temperature=1.0, max_tokens=max_tokens))
+        with RuntimeServer(app) as server:
+            client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x")
+            for i in range(2 * n):
+                headers = {"X-Turnwise-Trajectory-Id": f"ft-{i}"}
+                messages = [{"role": "user", "content": f"Where is my order {i // 2}?"}]
+                start = time.perf_counter()
+                if i % 2 == 0:
+                    got = None
+                    for chunk in client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                                                extra_headers=headers):
+                        if got is None and chunk.choices and chunk.choices[0].delta.content:
+                            got = (time.perf_counter() - start) * 1e3
+                    first.append(got if got is not None else (time.perf_counter() - start) * 1e3)
+                else:
+                    r = client.chat.completions.create(model="tiny", messages=messages, extra_headers=headers)
+                    whole.append((time.perf_counter() - start) * 1e3)
+                    lengths.append(r.usage.completion_tokens)
+    return first, whole, lengths
+
+
 @contextmanager
 def runtime_server(db: Path, mode: str) -> Iterator[str]:
     """The stub-policy runtime: in a thread of this process (embedded) or in its own process."""
@@ -134,6 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rollouts", type=int, default=1024)
+    parser.add_argument("--first-token", type=int, default=40, help="streamed/unstreamed request pairs for (c)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="completion length in (c)")
     parser.add_argument("--server", choices=("thread", "process"), default="thread",
                         help="thread: embedded in this process (shares the GIL with the agents); "
                              "process: standalone, as `turnwise serve`")
@@ -165,6 +206,14 @@ def main() -> None:
           f"{one_segment}/{len(rewarded)}")
     print(f"    wall                     {seconds:8.2f} s   rollouts/s {args.rollouts / seconds:8.1f}   "
           f"chat completions/s {3 * args.rollouts / seconds:8.1f}")
+    if args.first_token > 0:
+        first, whole, lengths = first_token_ms(args.first_token, args.max_tokens)
+        print(f"(c) tiny model, {args.first_token} streamed and {args.first_token} unstreamed requests, "
+              f"max_tokens {args.max_tokens} (replies of {statistics.median(lengths):.0f} tokens, median)")
+        print(f"    first content chunk      p50 {statistics.median(first):8.1f} ms   p99 {percentile(first, 0.99):8.1f} ms")
+        print(f"    whole reply (unstreamed) p50 {statistics.median(whole):8.1f} ms   p99 {percentile(whole, 0.99):8.1f} ms")
+        print(f"first_token_latency_p50_ms: {statistics.median(first):.1f} "
+              f"(whole reply {statistics.median(whole):.1f}; {statistics.median(whole) / statistics.median(first):.2f}x)")
     print(f"runtime_overhead_p50_ms: {p50:.3f}")
 
 

@@ -166,3 +166,50 @@ def test_langchain_chat_openai_through_the_adapter_clients(tmp_path):
         assert t.status == TrajectoryStatus.REWARDED and len(t.turns) == 2
         assert t.turns[0].message.content == "All done."
         assert t.turns[1].reused_prompt_tokens > 0 and len(build_segments(t)) == 1
+
+
+def agentcore_payload(trajectory_id: str) -> dict:
+    """What the managed service's AgentCore runtime sends: no instance, camelCase names."""
+    return {"prompt": "2+2?", "metadata": {"jobArn": "arn:aws:sagemaker:us-west-2:1:training-job/job-1",
+                                           "rolloutId": trajectory_id},
+            "inferenceParams": {"temperature": 0.0, "maxTokens": 64, "topP": 1.0}}
+
+
+@pytest.mark.parametrize("shape", ["sdk", "agentcore"])
+def test_serve_agent_and_rollout_handler_take_both_payload_shapes(tmp_path, shape):
+    seen: list[dict] = []
+
+    async def agent(p: dict, ctx: RolloutContext) -> float:
+        seen.append({"instance": p["instance"], "prompt": p["prompt"], "meta": p["metadata"],
+                     "params": p["inference_params"], "ctx": ctx})
+        client = ctx.async_openai()
+        r = await client.chat.completions.create(model=ctx.model, messages=[{"role": "user", "content": p["prompt"]}],
+                                                 **ctx.sampling_kwargs())
+        await client.close()
+        return 1.0 if r.choices[0].message.content else 0.0
+
+    with runtime(tmp_path) as (server, store):
+        tid = f"t-{uuid.uuid4().hex[:8]}"
+        body = payload(server.base_url, tid) if shape == "sdk" else agentcore_payload(tid)
+        with RuntimeServer(create_agent_app(agent, base_url=server.base_url)) as agent_server:
+            r = httpx.post(agent_server.base_url + "/rollout", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["status"] == "completed" and r.json()["trajectory_id"] == tid, r.text
+        [got] = seen
+        assert got["prompt"] == "2+2?" and got["meta"]["trajectory_id"] == got["ctx"].trajectory_id == tid
+        assert got["meta"]["rolloutId"] == (tid if shape == "agentcore" else "r")  # given names are kept
+        assert got["meta"]["job_arn"].endswith("job-1") and got["ctx"].job_arn.endswith("job-1")
+        assert got["params"]["max_tokens"] == 64 and got["ctx"].sampling_kwargs()["max_tokens"] == 64
+        assert got["instance"] == ({"prompt": "2+2?"} if shape == "agentcore" else body["instance"])
+        t = store.get(tid)
+        assert t.status is TrajectoryStatus.REWARDED and t.rewards == (1.0,)
+        # the decorator alone, called directly with the other shape's payload
+        handled = rollout_handler(agent, base_url=server.base_url)
+        other = f"t-{uuid.uuid4().hex[:8]}"
+        asyncio.run(handled(agentcore_payload(other) if shape == "sdk" else payload(server.base_url, other)))
+        assert store.get(other).status is TrajectoryStatus.REWARDED
+
+
+def test_a_payload_with_neither_instance_nor_prompt_is_refused(tmp_path):
+    with RuntimeServer(create_agent_app(lambda p: 1.0, base_url="http://127.0.0.1:1")) as agent_server:
+        r = httpx.post(agent_server.base_url + "/rollout", json={"metadata": {"rolloutId": "r1"}})
+    assert r.status_code == 400 and "instance (SDK) or prompt (AgentCore)" in r.json()["error"]["message"]

@@ -178,7 +178,7 @@ def test_complete_and_reward_flow_is_idempotent(tmp_path):
 
 
 def test_error_paths(tmp_path):
-    with serve(tmp_path, max_body_bytes=4096) as (server, _, _):
+    with serve(tmp_path, max_body_bytes=4096) as (server, store, _):
         url = server.base_url
         head = {"X-Turnwise-Trajectory-Id": "traj-e"}
         hi = {"messages": [{"role": "user", "content": "hi"}]}
@@ -212,7 +212,8 @@ def test_error_paths(tmp_path):
         assert httpx.post(url + "/complete-rollout", json={"TrajectoryId": "traj-e", "Status": "READY"}).status_code == 200
         nan = httpx.post(url + "/update-reward", headers={"content-type": "application/json"},
                          content=b'{"TrajectoryId": "traj-e", "Rewards": [NaN]}')
-        assert nan.status_code == 400 and "Rewards.0" in error_of(nan)
+        assert nan.status_code == 400 and "invalid reward" in error_of(nan) and "finite" in error_of(nan)
+        assert store.get("traj-e").status == TrajectoryStatus.FAILED  # that rollout failed, with its reason
         text_reward = httpx.post(url + "/update-reward", json={"TrajectoryId": "traj-e", "Rewards": ["1"]})
         assert text_reward.status_code == 400
         too_many = httpx.post(url + "/update-reward", json={"TrajectoryId": "traj-e", "Rewards": [1, 2, 3]})

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -132,23 +132,56 @@ class TrackingConfig(_Section):
     """Log checkpoint weights as MLflow artifacts."""
 
 
+class ApiKeyConfig(_Section):
+    """A bearer key that reaches only one job."""
+
+    key: str = Field(min_length=8)
+    job: str = Field(min_length=1)
+
+
 class RuntimeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
     """0 picks a free port."""
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[Annotated[str, Field(min_length=8)] | ApiKeyConfig, ...] = ()
+    """Bearer keys (8+ characters); required when binding beyond loopback. A plain string acts on
+    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth)."""
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _keys_long_enough(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        if any(len(k) < 8 for k in keys):
-            raise ValueError("each API key must be at least 8 characters")
+    def _keys_long_enough(cls, keys: Any) -> Any:
+        items = keys if isinstance(keys, list | tuple) else [keys]
+        for i, k in enumerate(items):
+            key = k.get("key") if isinstance(k, Mapping) else k
+            if isinstance(key, str) and len(key) < 8:
+                raise ValueError(f"each API key must be at least 8 characters (key {i + 1} has {len(key)})")
         return keys
-    """Bearer keys; required when binding beyond loopback."""
+
+    sampling_overrides: Literal["allow", "deny", "warn"] = "warn"
+    """A registered rollout's request that sets temperature/top_p/max_tokens other than the job's:
+    allow: the request's win; warn: the job's win, logged once per value; deny: refused (400).
+    Each case is counted (`/jobs/{id}/stats` sampling_overrides)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     opaque_tokens_on_loopback: bool = False
     """With api_keys: also accept unknown bearer tokens from loopback peers (the managed agent
     SDK's signed AWS tokens, which turnwise cannot verify); see turnwise.runtime.auth."""
+
+    def own_key(self) -> str | None:
+        """The key the trainer's own clients send: the first plain key, else the first key's."""
+        plain = [k for k in self.api_keys if isinstance(k, str)]
+        return plain[0] if plain else (self.api_keys[0].key if self.api_keys else None)  # type: ignore[union-attr]
+
+
+class SandboxConfig(_Section):
+    require_isolation: bool = True
+    """Refuse to run sandboxed code without bubblewrap; false runs the weaker layers (recorded in
+    each result's `isolation`). Exported to the environment as TURNWISE_SANDBOX_REQUIRE_ISOLATION."""
+
+    def export(self) -> None:
+        """Make `turnwise.env.sandbox` (in this process and those it starts) follow this setting."""
+        import os
+
+        os.environ["TURNWISE_SANDBOX_REQUIRE_ISOLATION"] = "1" if self.require_isolation else "0"
 
 
 class AsyncConfig(_Section):
@@ -277,6 +310,7 @@ class JobConfig(_Section):
     warm_start: WarmStartConfig = WarmStartConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    sandbox: SandboxConfig = SandboxConfig()
     async_config: AsyncConfig = AsyncConfig()
     eval: EvalConfig = EvalConfig()
     verify: VerifyConfig = VerifyConfig()

@@ -18,12 +18,18 @@ with `opaque_tokens_on_loopback=True` (see `turnwise.runtime.auth`).
 
 from turnwise.adapter.agent_server import create_agent_app, serve_agent
 from turnwise.adapter.clients import async_http_client, http_client
-from turnwise.adapter.context import RolloutContext, current_rollout, headers, rollout_scope
+from turnwise.adapter.context import (
+    RolloutContext,
+    current_rollout,
+    headers,
+    normalize_payload,
+    rollout_scope,
+)
 from turnwise.adapter.feedback import FeedbackClient, FeedbackError, SyncFeedbackClient
 from turnwise.adapter.handler import outcome_of, rollout_handler
 
 __all__ = [
     "FeedbackClient", "FeedbackError", "RolloutContext", "SyncFeedbackClient", "async_http_client",
-    "create_agent_app", "current_rollout", "headers", "http_client", "outcome_of", "rollout_handler",
-    "rollout_scope", "serve_agent",
+    "create_agent_app", "current_rollout", "headers", "http_client", "normalize_payload", "outcome_of",
+    "rollout_handler", "rollout_scope", "serve_agent",
 ]

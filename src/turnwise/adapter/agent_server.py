@@ -2,7 +2,10 @@
 
     POST /rollout  {"instance", "prompt", "metadata": {"job_arn", "trajectory_id", "endpoint", ...},
                     "inference_params", "model_name"}  -> runs fn under `rollout_handler`
+                   or AgentCore's {"prompt", "metadata": {"jobArn", "rolloutId"}, "inferenceParams"}
     GET  /health   -> {"status": "healthy"}
+
+Either payload reaches `fn` with both sets of names filled in (`normalize_payload`).
 
 By default `/rollout` answers when the rollout is over: 200 `{"status": "completed" | "failed",
 "trajectory_id", "error"?}` (the outcome was already reported to the runtime server). With
@@ -23,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from turnwise.adapter.context import normalize_payload
 from turnwise.adapter.handler import rollout_handler
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -44,8 +48,8 @@ class RolloutRequestIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    instance: dict[str, Any] = Field(description="The task row")
-    prompt: str | None = None
+    instance: dict[str, Any] | None = Field(None, description="The task row (SDK payload)")
+    prompt: str | list[Any] | dict[str, Any] | None = Field(None, description="The prompt (AgentCore payload)")
     metadata: RolloutMetadataIn
     inference_params: dict[str, Any] | None = None
     inferenceParams: dict[str, Any] | None = None
@@ -72,7 +76,7 @@ def create_agent_app(fn: Callable[..., Any], *, base_url: str | None = None, api
     app.state.background = background
 
     async def run(payload: dict[str, Any]) -> dict[str, Any]:
-        trajectory_id = str(payload["metadata"].get("trajectory_id") or payload["metadata"].get("rolloutId"))
+        trajectory_id = str(payload["metadata"]["trajectory_id"])
         async with limit:
             try:
                 if is_async:
@@ -90,17 +94,20 @@ def create_agent_app(fn: Callable[..., Any], *, base_url: str | None = None, api
         if inbound_api_key is not None and not hmac.compare_digest(
                 (authorization or "").encode(), f"Bearer {inbound_api_key}".encode()):
             return JSONResponse({"error": {"message": "invalid API key", "code": 401}}, status_code=401)
-        payload = body.model_dump(exclude_none=True)
-        if not (body.metadata.trajectory_id or body.metadata.rolloutId):
-            return JSONResponse({"error": {"message": "metadata.trajectory_id is required", "code": 400}},
-                                status_code=400)
+        payload = normalize_payload(body.model_dump(exclude_none=True))
+        if not payload["metadata"].get("trajectory_id"):
+            return JSONResponse({"error": {"message": "metadata.trajectory_id (or metadata.rolloutId) is required",
+                                           "code": 400}}, status_code=400)
+        if payload.get("instance") is None:
+            return JSONResponse({"error": {"message": "the payload needs instance (SDK) or prompt (AgentCore)",
+                                           "code": 400}}, status_code=400)
         if wait:
             return await run(payload)
         task = asyncio.create_task(run(payload))
         background.add(task)
         task.add_done_callback(background.discard)
-        return JSONResponse({"status": "accepted", "trajectory_id": payload["metadata"].get("trajectory_id")
-                             or payload["metadata"].get("rolloutId")}, status_code=202)
+        return JSONResponse({"status": "accepted", "trajectory_id": payload["metadata"]["trajectory_id"]},
+                            status_code=202)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -82,7 +82,8 @@ class RolloutContext:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], *, base_url: str | None = None,
                      api_key: str | None = None) -> RolloutContext:
-        """From a push `/rollout` body (DESIGN.md; the managed agent SDK's contract)."""
+        """From a push `/rollout` body: the SDK's or AgentCore's (see `normalize_payload`)."""
+        payload = normalize_payload(payload)
         meta = payload.get("metadata") or {}
         trajectory_id = meta.get("trajectory_id") or meta.get("trajectoryId") or meta.get("rolloutId")
         if not trajectory_id:
@@ -94,6 +95,43 @@ class RolloutContext:
         return cls(trajectory_id=str(trajectory_id), base_url=str(endpoint), model=str(payload.get("model_name") or ""),
                    inference_params=dict(params), job_arn=meta.get("job_arn") or meta.get("jobArn") or None,
                    api_key=api_key)
+
+
+_PARAM_ALIASES = {"maxTokens": "max_tokens", "topP": "top_p", "max_completion_tokens": "max_tokens"}
+
+
+def normalize_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A push payload in both shapes at once, so agent code written for either reads it:
+
+    - the SDK's: `instance` (the task row), `metadata.job_arn` / `trajectory_id`, `inference_params`;
+    - AgentCore's: `prompt`, `metadata.jobArn` / `rolloutId`, `inferenceParams` (camelCase keys).
+
+    Missing names are filled from their counterpart (`instance` from `prompt` as `{"prompt": ...}`,
+    `prompt` from `instance["prompt"]` when it is a string); names present are never changed.
+    """
+    out = dict(payload)
+    meta = dict(out.get("metadata") or {})
+    for a, b in (("job_arn", "jobArn"), ("trajectory_id", "rolloutId")):
+        value = meta.get(a) or meta.get(b)
+        if value:
+            meta.setdefault(a, value)
+            meta.setdefault(b, value)
+    if meta.get("trajectoryId"):
+        meta.setdefault("trajectory_id", meta["trajectoryId"])
+        meta.setdefault("rolloutId", meta["trajectoryId"])
+    out["metadata"] = meta
+    raw = out.get("inference_params") or out.get("inferenceParams") or {}
+    params = {_PARAM_ALIASES.get(k, k): v for k, v in dict(raw).items()}
+    out.setdefault("inference_params", params)
+    out.setdefault("inferenceParams", dict(raw) or params)
+    if out.get("inference_params") is None:
+        out["inference_params"] = params
+    if out.get("instance") is None and out.get("prompt") is not None:
+        out["instance"] = {"prompt": out["prompt"]}
+    if out.get("prompt") is None and isinstance(out.get("instance"), Mapping) and isinstance(
+            out["instance"].get("prompt"), str):
+        out["prompt"] = out["instance"]["prompt"]
+    return out
 
 
 current_rollout: ContextVar[RolloutContext | None] = ContextVar("turnwise_current_rollout", default=None)

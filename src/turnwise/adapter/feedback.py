@@ -3,12 +3,16 @@
 Every call carries a ClientToken (a fresh one unless given), so the client's own retries of
 transient failures (connection refused while the server restarts, 502/503/504) are idempotent.
 A 409 "not in valid status" means the trajectory already moved on (reported by someone else,
-or by an earlier attempt whose response was lost): it counts as done and returns False.
+or by an earlier attempt whose response was lost): it counts as done and returns False. So
+does a 400 "invalid reward" (a per-turn list of the wrong length, NaN or infinity): the
+runtime has failed that rollout with the reason, and the caller's step goes on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -17,6 +21,8 @@ from typing import Any
 import httpx
 
 ALREADY_DONE_MARKERS = ("not in valid status", "Cannot transition trajectory")
+INVALID_REWARD_MARKER = "invalid reward"  # turnwise.runtime.rollout_routes.INVALID_REWARD
+log = logging.getLogger(__name__)
 _RETRY_STATUS = frozenset({502, 503, 504})
 
 
@@ -58,6 +64,15 @@ def _reward_body(trajectory_id: str, rewards: float | Sequence[float]) -> dict[s
     return {"TrajectoryId": trajectory_id, "Rewards": values}
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    """JSON, with NaN and infinities written as Python does (httpx refuses them): the runtime
+    reads them and fails that rollout with the reason, rather than the client raising."""
+    return json.dumps(body, allow_nan=True).encode()
+
+
 def _verify(base_url: str) -> bool:
     """No CA bundle for plain http (loading it costs ~40 ms per client; handlers make one per rollout)."""
     return not base_url.startswith("http://")
@@ -88,6 +103,9 @@ class _Reporter:
             return True
         message = error_message(response)
         if response.status_code == 409 and any(m in message for m in ALREADY_DONE_MARKERS):
+            return False
+        if response.status_code == 400 and message.startswith(INVALID_REWARD_MARKER):
+            log.warning("rollout failed: %s", message)
             return False
         if response.status_code not in _RETRY_STATUS or last:
             raise FeedbackError(response.status_code, message)
@@ -126,7 +144,7 @@ class FeedbackClient:
             last = attempt == len(delays)
             try:
                 async with self._in_flight:
-                    response = await self._http.post(path, json=body)
+                    response = await self._http.post(path, content=_json(body), headers=_JSON)
             except httpx.TransportError:
                 if last:
                     raise
@@ -171,7 +189,7 @@ class SyncFeedbackClient:
         for attempt in range(len(delays) + 1):
             last = attempt == len(delays)
             try:
-                response = self._http.post(path, json=body)
+                response = self._http.post(path, content=_json(body), headers=_JSON)
             except httpx.TransportError:
                 if last:
                     raise

@@ -6,7 +6,10 @@
         ...
         return reward            # or [r_turn0, r_turn1, ...], or {"reward": r}
 
-The decorated function takes the push `/rollout` body (DESIGN.md) and, optionally, the
+The decorated function takes the push `/rollout` body (DESIGN.md), the SDK's (`instance`,
+`metadata.trajectory_id`, `inference_params`) or AgentCore's (`prompt`, `metadata.jobArn`,
+`metadata.rolloutId`, `inferenceParams`), with both sets of names filled in
+(`turnwise.adapter.context.normalize_payload`), and, optionally, the
 `RolloutContext` built from it, which is also the current rollout (`headers()`, the clients
 of `turnwise.adapter.clients`) while it runs. Afterwards it reports:
 
@@ -34,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from turnwise.adapter.context import RolloutContext, rollout_scope
+from turnwise.adapter.context import RolloutContext, normalize_payload, rollout_scope
 from turnwise.adapter.feedback import FeedbackClient, FeedbackError, SyncFeedbackClient
 
 
@@ -95,6 +98,7 @@ def rollout_handler(fn: Callable[..., Any] | None = None, *, base_url: str | Non
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def async_wrapper(payload: Mapping[str, Any]) -> Any:
+            payload = normalize_payload(payload)
             ctx = context(payload)
             async with FeedbackClient(ctx.base_url, ctx.api_key, job_arn=ctx.job_arn) as feedback:
                 with rollout_scope(ctx):
@@ -119,6 +123,7 @@ def rollout_handler(fn: Callable[..., Any] | None = None, *, base_url: str | Non
 
     @functools.wraps(fn)
     def sync_wrapper(payload: Mapping[str, Any]) -> Any:
+        payload = normalize_payload(payload)
         ctx = context(payload)
         with SyncFeedbackClient(ctx.base_url, ctx.api_key, job_arn=ctx.job_arn) as feedback:
             with rollout_scope(ctx):

@@ -1,8 +1,9 @@
 """Sandbox child: confine this process, then run untrusted Python. Standard library only.
 
 Run by `turnwise.env.sandbox` as `python -I -B _sandbox_child.py CONFIG_JSON` in a new
-session, with cwd = the sandbox directory. Steps, in order (each one that the host refuses is
-skipped and not reported as active):
+session, with cwd = the sandbox directory: inside bubblewrap, which already built the
+boundary (then only steps 2 and 4 run), or, with `require_isolation` off, directly, confining
+itself with steps 1-4 (each one that the host refuses is skipped and not reported as active):
 
 1. namespaces: a new network namespace (no interface is up, so nothing is reachable) and a
    mount namespace in which every mount except the sandbox directory is remounted read-only.
@@ -13,8 +14,11 @@ skipped and not reported as active):
 4. an audit hook (PEP 578) that refuses, in this interpreter: writes outside the directory,
    sockets, ctypes, signals to other processes, and, unless allowed, new processes.
 
-Audit hooks alone are not a security boundary (PEP 578 says so); steps 1-3 are, where the
-host permits them. Everything is reported to the parent as JSON lines on a status pipe.
+Audit hooks alone are not a security boundary (PEP 578 says so); bubblewrap is. The first
+refused operation ends the process with status 86 (VIOLATION_EXIT), which the code cannot catch.
+The status pipe carries JSON lines: the active layers (written once, before the code runs),
+the code's `result`, its uncaught exception and violation names. The parent trusts none of
+it for a good outcome (see `turnwise.env.sandbox`).
 """
 
 import contextlib
@@ -38,6 +42,7 @@ _PATH_WRITE_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown
                       "os.mknod", "os.chflags", "os.setxattr", "os.removexattr"}
 
 STATUS_FD = -1
+VIOLATION_EXIT = 86
 
 
 def report(**item):
@@ -121,8 +126,13 @@ def install_audit_hook(workdir, allow_subprocess):
         return resolved == workdir or resolved.startswith(workdir + "/") or resolved == "/dev/null"
 
     def deny(what):
+        # fatal: a PermissionError could be caught and the violation hidden; os._exit cannot be
         report(violation=what)
-        raise PermissionError(f"sandbox: {what} is not allowed")
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"sandbox: {what} is not allowed\n")
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(VIOLATION_EXIT)
 
     def hook(event, args):
         if event == "open":
@@ -149,6 +159,16 @@ def install_audit_hook(workdir, allow_subprocess):
             deny(f"starting a process ({event})")
 
     sys.addaudithook(hook)
+    if not allow_subprocess:  # _posixsubprocess.fork_exec raises no audit event: close that door by name too
+        import _posixsubprocess
+        import subprocess
+
+        def fork_exec(*args, **kwargs):
+            deny("starting a process (_posixsubprocess.fork_exec)")
+
+        _posixsubprocess.fork_exec = fork_exec
+        if hasattr(subprocess, "_fork_exec"):
+            subprocess._fork_exec = fork_exec
 
 
 def main():
@@ -180,6 +200,9 @@ def main():
         else:
             report(note="uid layer off: this interpreter is not readable by an unprivileged user")
     allow_subprocess = cfg["allow_subprocess"]
+    if allow_subprocess and cfg.get("refuse_subprocess"):
+        allow_subprocess = False
+        report(note="allow_subprocess refused: no pids cgroup, and RLIMIT_NPROC does not bind a uid mapped to root")
     if allow_subprocess and host_root and not dropped and not cfg["cgroup"]:
         # uid 0 is exempt from RLIMIT_NPROC: without a pids cgroup nothing would bound a fork bomb
         allow_subprocess = False

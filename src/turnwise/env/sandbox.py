@@ -4,24 +4,30 @@
     res.status, res.result, res.stdout       # SandboxStatus.OK, 45, ""
 
 Each run gets a fresh directory (its cwd, HOME and TMPDIR), removed afterwards, and a child
-(`_sandbox_child.py`) that confines itself before running the code. Layers, strongest first,
-each used where the host permits it and listed in `SandboxResult.isolation`:
+(`_sandbox_child.py`) that sets its limits and runs the code. The boundary is bubblewrap
+(`turnwise.env._isolation`): the child starts in new user, pid, network, IPC and mount
+namespaces, as uid 65534 without capabilities, in an empty read-only root that holds only the
+interpreter, the system libraries and the sandbox directory (the one writable path). Nothing
+else on the host (task data, the trainer's `/proc` and environment, other sandboxes) is visible.
+Inside it, layers listed in `SandboxResult.isolation`:
 
-- `netns`: a new network namespace; nothing, not even the host's loopback, is reachable.
-- `mountns-ro`: a mount namespace where every mount but the sandbox directory is read-only,
-  so no process, not even a root subprocess, can write outside the directory.
-- `uid` (parent runs as root): the child drops to a dedicated unprivileged uid, unique among
-  concurrent runs, that owns the directory (mode 700): RLIMIT_NPROC applies per sandbox,
-  other sandboxes' directories are unreadable, and leftover processes are found by uid.
+- `cgroup-pids` (a writable pids cgroup, usually root): every process and thread of the run
+  is bounded and, at the end, killed through it.
 - `rlimits`: CPU seconds, address space, file size, open files, processes, no core dumps.
-- `audit`: a PEP 578 audit hook in the interpreter refusing writes outside the directory,
-  sockets, ctypes, signals to other processes and (unless `allow_subprocess`) new processes.
-  It is what reports a blocked operation by name; alone it is not a security boundary.
+- `audit`: a PEP 578 audit hook that ends the run (status BLOCKED) at the first write outside
+  the directory, socket, ctypes, signal to another process or (unless `allow_subprocess`) new
+  process, naming it. It is what reports a blocked operation by name; it is not the boundary.
 
-The parent enforces the wall clock and the output cap (it kills the process group, and with
-`uid` every process of that uid, so a fork bomb's survivors die too) and classifies the
-outcome as a `SandboxStatus`. Not isolated: reads. The code can read world-readable host
-files; keep ground truth out of reach of the sandbox user (mode 600 under root).
+Where `bwrap` is missing or refused, `run_python` raises `SandboxUnavailable` (with how to
+install it) unless `require_isolation` is off (`sandbox.require_isolation: false`): then the
+child confines itself with the weaker layers `netns`, `mountns-ro` (read-only remount), `uid`
+(root only), and `isolation` lacks `bwrap`; reads of world-readable host files are then possible.
+
+The parent derives the outcome from what it observes: the wall clock, the output cap, the exit
+status (the audit hook's violations exit with a reserved status the code cannot undo), the
+cgroup's pids events, and its own command line for `isolation`. The child's status pipe only
+carries the code's `result`, its exception and violation names, all things the code could
+produce or fake against itself only: nothing it writes there makes a failed run look OK.
 """
 
 from __future__ import annotations
@@ -42,9 +48,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from turnwise.env._isolation import (
+    BWRAP_LAYERS,
+    INSTALL_HINT,
+    SandboxUnavailable,
+    bwrap_command,
+    bwrap_problem,
+    cgroup_hit_limit,
+    exit_code_of,
+    kill_cgroup,
+    make_cgroup,
+    remove_cgroup,
+    require_isolation_default,
+)
+
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 _UID_BASE = 1 << 30  # far above any real account
 _uid_counter = itertools.count()
+_CHILD_IN_SANDBOX = "/opt/turnwise/_sandbox_child.py"
+VIOLATION_EXIT = 86
+"""The child's exit status after the audit hook refused an operation (reserved)."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +91,13 @@ class SandboxLimits:
     allow_subprocess: bool = False
     """Let the code start processes (bounded by `processes`)."""
     namespaces: bool = True
-    """Try network and mount namespaces."""
+    """Weaker layers only (no bwrap): try network and mount namespaces."""
     python: str | None = None
-    """Interpreter to run (default: this one). Under root, the `uid` layer needs one that an
-    unprivileged user can read (not one under /root)."""
+    """Interpreter to run (default: this one, without its virtualenv); its prefix is bound read-only."""
+    read_only_paths: tuple[str, ...] = ()
+    """More host paths the code may read (bound read-only), e.g. a virtualenv's site-packages."""
+    require_isolation: bool | None = None
+    """Refuse to run without bubblewrap (None: $TURNWISE_SANDBOX_REQUIRE_ISOLATION, default true)."""
 
 
 class SandboxStatus(str, enum.Enum):
@@ -112,9 +138,9 @@ class SandboxResult:
     result: Any = None
     """The JSON value of the code's global `result` (for SQL: columns and rows)."""
     violations: tuple[str, ...] = ()
-    """Operations the audit hook refused."""
+    """Operations the audit hook refused (the first one ends the run)."""
     isolation: tuple[str, ...] = ()
-    """Layers that were active (netns, mountns-ro, uid, rlimits, audit)."""
+    """Layers that were active (bwrap, userns, pidns, netns, mountns-ro, ..., cgroup-pids, rlimits, audit)."""
     wall_s: float = 0.0
     """Seconds from start to exit."""
     error: str | None = None
@@ -139,14 +165,20 @@ async def run_python(code: str, *, limits: SandboxLimits = SandboxLimits(), inpu
                      ) -> SandboxResult:
     """Run `code` as `__main__` in a sandbox. `inputs` (JSON) is visible to it as the global
     `inputs`; `files` are written into its directory first; its global `result` (JSON) comes back."""
+    require = limits.require_isolation if limits.require_isolation is not None else require_isolation_default()
+    problem = bwrap_problem()  # cached: bwrap is probed once per process
+    if problem is not None and require:
+        raise SandboxUnavailable(f"{problem}: {INSTALL_HINT}")
     base = Path(root or Path(tempfile.gettempdir()) / "turnwise-sandbox")
     base.mkdir(parents=True, exist_ok=True)
     as_root = os.geteuid() == 0
-    if as_root:
+    use_uid = as_root and problem is not None  # under bwrap the code is uid 65534 in its own user namespace
+    if use_uid:
         os.chmod(base, 0o711)  # traversable by the sandbox uid, not listable
     workdir = Path(tempfile.mkdtemp(prefix="sb-", dir=base)).resolve()
-    uid = _allocate_uid() if as_root else None
-    cgroup = _make_cgroup(workdir.name, limits.processes) if as_root else None
+    uid = _allocate_uid() if use_uid else None
+    # under bwrap the cgroup also holds bwrap itself and its pid-namespace init
+    cgroup = make_cgroup(workdir.name, limits.processes + (2 if problem is None else 0)) if as_root else None
     try:
         for name, content in (files or {}).items():
             target = (workdir / name).resolve()
@@ -163,10 +195,11 @@ async def run_python(code: str, *, limits: SandboxLimits = SandboxLimits(), inpu
             for p in [workdir, *workdir.rglob("*")]:
                 os.chown(p, uid, uid, follow_symlinks=False)
         os.chmod(workdir, 0o700)
-        return await _run(workdir, uid, cgroup, limits, inputs_file)
+        return await _run(workdir, uid, cgroup, limits, inputs_file, bwrap=problem is None,
+                          weak_note=None if problem is None else f"require_isolation off: {problem}; weaker layers only")
     finally:
         if cgroup is not None:
-            _remove_cgroup(cgroup)
+            remove_cgroup(cgroup)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -217,63 +250,128 @@ class _Capped:
 
 
 async def _run(workdir: Path, uid: int | None, cgroup: Path | None, limits: SandboxLimits,
-               inputs_file: str | None) -> SandboxResult:
+               inputs_file: str | None, *, bwrap: bool, weak_note: str | None) -> SandboxResult:
     loop = asyncio.get_running_loop()
     status_r, status_w = os.pipe()
-    cfg = {"workdir": str(workdir), "status_fd": status_w, "uid": uid, "gid": uid,
-           "cgroup": str(cgroup) if cgroup else None,
-           "code_file": str(workdir / "main.py"), "inputs_file": inputs_file, "namespaces": limits.namespaces,
-           "allow_subprocess": limits.allow_subprocess,
+    info_r, info_w = os.pipe() if bwrap else (-1, -1)
+    cfg = {"workdir": str(workdir), "status_fd": status_w, "uid": uid, "gid": uid, "bwrap": bwrap,
+           "cgroup": str(cgroup) if cgroup and not bwrap else None,
+           "code_file": str(workdir / "main.py"), "inputs_file": inputs_file,
+           "namespaces": limits.namespaces and not bwrap, "allow_subprocess": limits.allow_subprocess,
+           # as host root, the user namespace maps uid 65534 to root, whom RLIMIT_NPROC exempts
+           "refuse_subprocess": bwrap and os.geteuid() == 0 and cgroup is None,
            "cpu_s": max(1, int(limits.cpu_s)), "memory_mb": limits.memory_mb,
            "file_size_mb": limits.file_size_mb, "open_files": limits.open_files,
            "nproc": limits.processes if uid is not None else _own_processes() + limits.processes}
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
            "SQLITE_TMPDIR": str(workdir), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    if bwrap:
+        prefix, exe = bwrap_command(workdir=workdir, python=limits.python, allow_subprocess=limits.allow_subprocess,
+                                    extra_read_only=limits.read_only_paths, shm_bytes=limits.file_size_mb << 20,
+                                    env=env)
+        prefix[1:1] = ["--info-fd", str(info_w), "--ro-bind", str(_CHILD), _CHILD_IN_SANDBOX]
+        if cgroup is not None:  # join before bwrap starts, so everything it starts is counted and killable
+            prefix = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *prefix]
+        argv = [*prefix, exe, "-I", "-B", _CHILD_IN_SANDBOX, json.dumps(cfg)]
+        launch_env = {"PATH": "/usr/bin:/bin"}  # bwrap's own environment is visible inside as /proc/1/environ
+    else:
+        argv = [limits.python or sys.executable, "-I", "-B", str(_CHILD), json.dumps(cfg)]
+        launch_env = env
     t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
-            limits.python or sys.executable, "-I", "-B", str(_CHILD), json.dumps(cfg), cwd=workdir, env=env,
+            *argv, cwd=workdir, env=launch_env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            pass_fds=(status_w,), start_new_session=True)
+            pass_fds=(status_w, info_w) if bwrap else (status_w,), start_new_session=True)
     except BaseException:
         os.close(status_r)
+        if bwrap:
+            os.close(info_r)
         raise
     finally:
         os.close(status_w)
-    status_reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(status_reader), os.fdopen(status_r, "rb", buffering=0))
+        if bwrap:
+            os.close(info_w)
+    readers, transports = [], []
+    for fd, cap in ((status_r, 1 << 22), (info_r, 4096)) if bwrap else ((status_r, 1 << 22),):
+        stream = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda s=stream: asyncio.StreamReaderProtocol(s), os.fdopen(fd, "rb", buffering=0))
+        readers.append(_Capped(stream, cap, asyncio.Event()))
+        transports.append(transport)
     over = asyncio.Event()
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Capped(proc.stdout, limits.output_bytes, over), _Capped(proc.stderr, limits.output_bytes, over)
-    status_lines = _Capped(status_reader, 1 << 22, asyncio.Event())
+    status_lines = readers[0]
+
+    ns_init: list[int] = []
+
+    def kill() -> None:
+        if bwrap and proc.returncode is None:  # the pid namespace's init: its death kills the namespace
+            ns_init.extend(_kill_ns_init(readers[1].data))
+        _kill_all(proc.pid, uid, cgroup, limits.allow_subprocess)
+
     waiter, over_waiter = asyncio.ensure_future(proc.wait()), asyncio.ensure_future(over.wait())
     try:
         done, _ = await asyncio.wait({waiter, over_waiter}, timeout=limits.wall_s,
                                      return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # the caller gave up (a rollout timeout): the child must not outlive it
-        _kill_all(proc.pid, uid, cgroup, limits.allow_subprocess)
-        transport.close()
+        kill()
+        for transport in transports:
+            transport.close()
         raise
     timed_out, output_over = not done, over_waiter in done and waiter not in done
     over_waiter.cancel()
-    _kill_all(proc.pid, uid, cgroup, limits.allow_subprocess)
+    kill()
     exit_code = await proc.wait() if waiter in done else None
     wall = time.monotonic() - t0
     if exit_code is None:
         await proc.wait()
-    for reader in (out, err, status_lines):  # killed writers close the pipes; don't hang on stragglers
+    for pid in ns_init:
+        await _gone(pid)
+    if bwrap and exit_code is not None:
+        exit_code = exit_code_of(exit_code)
+    for reader in (out, err, *readers):  # killed writers close the pipes; don't hang on stragglers
         try:
             await asyncio.wait_for(reader.task, timeout=2.0)
         except asyncio.TimeoutError:
             reader.task.cancel()
-    transport.close()
-    return _classify(exit_code, timed_out, output_over, out, err, status_lines.data, wall)
+    for transport in transports:
+        transport.close()
+    layers = (*BWRAP_LAYERS, *(("cgroup-pids",) if cgroup else ())) if bwrap else ()
+    return _classify(exit_code, timed_out, output_over, out, err, status_lines.data, wall, layers=layers,
+                     process_limit=cgroup_hit_limit(cgroup), weak_note=weak_note)
+
+
+def _kill_ns_init(info: bytes) -> list[int]:
+    """SIGKILL the pid namespace's init named by bwrap's --info-fd (`{"child-pid": N}`)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError, ProcessLookupError, PermissionError):
+        pid = int(json.loads(info.decode(errors="replace").split("}")[0] + "}")["child-pid"])
+        if pid > 1:
+            os.kill(pid, signal.SIGKILL)
+            return [pid]
+    return []
+
+
+async def _gone(pid: int, timeout: float = 2.0) -> None:
+    """Wait until `pid` has exited (a zombie has an empty cmdline), so nothing outlives the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes():
+                return
+        except OSError:
+            return
+        await asyncio.sleep(0.005)
 
 
 def _classify(exit_code: int | None, timed_out: bool, output_over: bool, out: _Capped, err: _Capped,
-              status_data: bytes, wall: float) -> SandboxResult:
-    report: dict[str, Any] = {"violation": [], "note": []}
+              status_data: bytes, wall: float, *, layers: tuple[str, ...], process_limit: bool,
+              weak_note: str | None) -> SandboxResult:
+    """The outcome from what the parent observed. Status lines are claims: the first `isolation`
+    line (written before the code ran) names the child's own layers; `result`, `exception` and
+    `violation` lines can only make a run look worse (OK needs exit status 0 and none of them)."""
+    report: dict[str, Any] = {"violation": [], "note": [] if weak_note is None else [weak_note]}
     for line in status_data.decode(errors="replace").splitlines():
         try:
             item = json.loads(line)
@@ -281,11 +379,15 @@ def _classify(exit_code: int | None, timed_out: bool, output_over: bool, out: _C
             continue
         for k, v in item.items() if isinstance(item, dict) else ():
             if k in ("violation", "note"):
-                report[k].append(str(v))
+                report[k].append(str(v)[:500])
+            elif k == "isolation":
+                report.setdefault(k, v if isinstance(v, list) else [])
             else:
                 report[k] = v
-    exc = report.get("exception") or {}
+    exc = report.get("exception") if isinstance(report.get("exception"), dict) else {}
     exc_type, exc_errno = exc.get("type"), exc.get("errno")
+    if exit_code == VIOLATION_EXIT and not report["violation"]:
+        report["violation"].append(f"exit status {VIOLATION_EXIT} (reserved for refused operations)")
     if timed_out:
         status = SandboxStatus.TIMEOUT
     elif output_over:
@@ -296,18 +398,19 @@ def _classify(exit_code: int | None, timed_out: bool, output_over: bool, out: _C
         status = SandboxStatus.BLOCKED
     elif exc_type == "MemoryError":
         status = SandboxStatus.MEMORY_LIMIT
-    elif exc_type == "BlockingIOError" and exc_errno == 11:
+    elif (exc_type == "BlockingIOError" and exc_errno == 11) or (process_limit and exit_code != 0):
         status = SandboxStatus.PROCESS_LIMIT
     elif exc_errno == 27 or exit_code == -signal.SIGXFSZ:  # EFBIG
         status = SandboxStatus.FILE_SIZE_LIMIT
-    elif exit_code == 0:
+    elif exit_code == 0 and not exc_type:
         status = SandboxStatus.OK
     else:
         status = SandboxStatus.ERROR
+    child_layers = tuple(str(x) for x in report.get("isolation") or ())
     return SandboxResult(
         status=status, stdout=out.data.decode(errors="replace"), stderr=err.data.decode(errors="replace"),
         exit_code=exit_code, result=report.get("result"), violations=tuple(report["violation"]),
-        isolation=tuple(report.get("isolation") or ()), wall_s=wall,
+        isolation=layers + tuple(x for x in child_layers if x not in layers), wall_s=wall,
         error=f"{exc_type}: {exc.get('message', '')}" if exc_type else report.get("result_error"),
         truncated=out.truncated or err.truncated, notes=tuple(report["note"]))
 
@@ -329,7 +432,7 @@ def _kill_all(pid: int, uid: int | None, cgroup: Path | None, scan: bool) -> Non
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     if cgroup is not None:
-        _kill_cgroup(cgroup)
+        kill_cgroup(cgroup)
     if uid is None or not scan:
         return
     for _ in range(100):  # a fork bomb may still be forking while we sweep
@@ -345,62 +448,3 @@ def _kill_all(pid: int, uid: int | None, cgroup: Path | None, scan: bool) -> Non
                 pass
         if not found:
             return
-
-
-def _pids_cgroup_root() -> Path | None:
-    """A writable cgroup directory with the pids controller (v1 `pids` or v2), or None."""
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    for fields in mounts:
-        sep = fields.index("-")
-        fstype, target, options = fields[sep + 1], Path(fields[4]), fields[sep + 3].split(",")
-        if fstype == "cgroup" and "pids" in options and os.access(target, os.W_OK):
-            return target
-        if fstype == "cgroup2" and os.access(target, os.W_OK):
-            try:
-                if "pids" in (target / "cgroup.controllers").read_text().split():
-                    (target / "cgroup.subtree_control").write_text("+pids")
-                    return target
-            except OSError:
-                continue
-    return None
-
-
-def _make_cgroup(name: str, max_pids: int) -> Path | None:
-    root = _pids_cgroup_root()
-    if root is None:
-        return None
-    path = root / f"turnwise-{name}"
-    try:
-        path.mkdir()
-        (path / "pids.max").write_text(str(max_pids))
-        return path
-    except OSError:
-        _remove_cgroup(path)
-        return None
-
-
-def _kill_cgroup(path: Path) -> None:
-    for _ in range(100):
-        try:
-            pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
-        except OSError:
-            return
-        if not pids:
-            return
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        time.sleep(0.001)
-
-
-def _remove_cgroup(path: Path) -> None:
-    _kill_cgroup(path)
-    for _ in range(50):  # rmdir fails while killed processes are still being reaped
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)

@@ -105,7 +105,7 @@ class EndpointBackend:
         app = proxy_app(self.cfg, upstream=self.url, api_key=self.api_key, store=self.store,
                         model_name=self.model, recorder=self.recorder)
         self.server = RuntimeServer(app, host=self.cfg.runtime.host, port=self.cfg.runtime.port).start()
-        api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
+        api_key = self.cfg.runtime.own_key()
         self.dispatcher = make_dispatcher(self.cfg.agent, self.agent, base_url=self.server.base_url,
                                           model=self.model, store=self.store, api_key=api_key)
         return self

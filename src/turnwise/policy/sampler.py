@@ -27,12 +27,13 @@ caches are cleared on every update because their KV was computed by the old weig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from os.path import commonprefix
@@ -68,6 +69,7 @@ class _Request:
     future: Future[Completion]
     cache_key: str | None
     generator: torch.Generator | None
+    on_token: Callable[[int, float], None] | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     n_cached: int = 0
@@ -144,11 +146,14 @@ class SamplerEngine:
         self.close()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               cache_key: str | None = None) -> Future[Completion]:
+               cache_key: str | None = None,
+               on_token: Callable[[int, float], None] | None = None) -> Future[Completion]:
         """Queue one request; the future resolves to its `Completion`. Thread-safe.
 
         `cache_key` (e.g. a trajectory id) stores this sequence's KV when it finishes and reuses
         the longest common prefix of the stored tokens for the next request with the same key.
+        `on_token(id, logprob)` is called from the engine thread for each token as it is sampled
+        (streaming); it must be quick and must not raise (an error is ignored).
         """
         future: Future[Completion] = Future()
         prompt = [int(t) for t in prompt_ids]
@@ -163,7 +168,7 @@ class SamplerEngine:
         if params.temperature > 0:
             generator = torch.Generator().manual_seed(
                 params.seed if params.seed is not None else secrets.randbits(63))
-        request = _Request(prompt, params, future, cache_key, generator)
+        request = _Request(prompt, params, future, cache_key, generator, on_token)
         if params.max_tokens <= 0:
             future.set_result(Completion((), (), FinishReason.LENGTH, self.version, 0))
             return future
@@ -175,10 +180,10 @@ class SamplerEngine:
             self._cond.notify_all()
         return future
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       cache_key: str | None = None) -> Completion:
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cache_key: str | None = None,
+                       on_token: Callable[[int, float], None] | None = None) -> Completion:
         """`submit` for asyncio callers."""
-        return await asyncio.wrap_future(self.submit(prompt_ids, params, cache_key))
+        return await asyncio.wrap_future(self.submit(prompt_ids, params, cache_key, on_token))
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> int:
         """Copy weights in between decode steps; returns the new version (`version`, default the
@@ -325,6 +330,9 @@ class SamplerEngine:
             r.tokens.append(tok)
             r.logprobs.append(lp)
             r.finish = self._finish_reason(r)
+            if r.on_token is not None:
+                with contextlib.suppress(Exception):  # a consumer's bug must not stop the engine
+                    r.on_token(tok, lp)
 
     def _finish_reason(self, r: _Request) -> FinishReason | None:
         if r.tokens[-1] in self.stop_token_ids:

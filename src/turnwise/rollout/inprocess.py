@@ -57,6 +57,7 @@ class InProcessDispatcher:
                                  base_url=self.base_url, model=self.model,
                                  inference_params=dict(inference_params), api_key=self.api_key)
             self.store.begin(ctx.trajectory_id)
+            self.store.expect_sampling(ctx.trajectory_id, inference_params)  # runtime.sampling_overrides
             start = time.perf_counter()
             run = await run_agent(self.agent, task, ctx, self.timeout)
             seconds = time.perf_counter() - start
@@ -83,6 +84,6 @@ def check_rewards(store: TrajectoryStore, trajectory_id: str, rewards: Sequence[
     if n_turns == 0 and require_model_call:
         return FailureKind.NO_MODEL_CALL, NO_MODEL_CALL
     if len(rewards) not in (1, max(n_turns, 1)):
-        return FailureKind.BAD_REWARD, (f"agent returned {len(rewards)} rewards for a trajectory of {n_turns} "
-                                        f"turns: return one value or one per turn")
+        return FailureKind.BAD_REWARD, (f"invalid reward: got {len(rewards)} rewards for a trajectory of {n_turns} "
+                                        f"turns: send one value or one per turn")
     return None, None

@@ -114,5 +114,5 @@ def proxy_app(cfg: JobConfig, *, upstream: str, api_key: str, store: TrajectoryS
     return create_app(sampler=None, chat=None, store=store, model_name=model_name,
                       default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                       max_body_bytes=cfg.runtime.max_body_bytes,
-                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback,
-                      chat_router=proxy_router(upstream.rstrip("/"), api_key, recorder))
+                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback, seed=cfg.seed,
+                      sampling_overrides=cfg.runtime.sampling_overrides, chat_router=proxy_router(upstream.rstrip("/"), api_key, recorder))

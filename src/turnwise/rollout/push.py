@@ -190,6 +190,7 @@ class PushDispatcher:
             for attempt in range(1, attempts + 1):
                 trajectory_id = first_id if attempt == 1 and first_id else f"traj-{uuid.uuid4().hex}"
                 self.store.begin(trajectory_id)
+                self.store.expect_sampling(trajectory_id, inference_params)  # runtime.sampling_overrides
                 payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
                                        trajectory_id=trajectory_id, endpoint=self.endpoint)
                 try:

@@ -33,7 +33,8 @@ def runtime_app(cfg: JobConfig, *, sampler: Sampler, chat: Chat, store: Trajecto
     return create_app(sampler=sampler, chat=chat, store=store, model_name=model_name,
                       default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                       max_body_bytes=cfg.runtime.max_body_bytes,
-                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback)
+                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback,
+                      seed=cfg.seed, sampling_overrides=cfg.runtime.sampling_overrides)
 
 
 def load_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, Any, Any, Any]:
@@ -56,6 +57,7 @@ class EmbeddedRuntime:
         from turnwise.runtime.server import RuntimeServer
 
         self.cfg = cfg
+        cfg.sandbox.export()  # in-process agents' sandboxes follow sandbox.require_isolation
         self.model, self.tokenizer, self.chat, self.engine = load_engine(cfg, model_path)
         self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
         self.model_name = job_id
@@ -82,7 +84,7 @@ class EmbeddedRuntime:
     def dispatcher(self, agent: AgentFn | None = None) -> RolloutDispatcher:
         """The dispatcher of `agent.kind`: `agent` runs in process (python; None loads
         `agent.function`); http pushes to `agent.url`; worker queues tasks for pull workers."""
-        api_key = self.cfg.runtime.api_keys[0] if self.cfg.runtime.api_keys else None
+        api_key = self.cfg.runtime.own_key()
         return make_dispatcher(self.cfg.agent, agent, base_url=self.server.base_url, model=self.model_name,
                                store=self.store, api_key=api_key)
 

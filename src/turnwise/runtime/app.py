@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from turnwise.config import AgentConfig, RuntimeConfig
 from turnwise.runtime import openai_routes, rollout_routes, task_routes
 from turnwise.runtime.auth import Auth
-from turnwise.runtime.deps import ApiError, Runtime
+from turnwise.runtime.deps import TRAJECTORY_HEADERS, ApiError, Runtime
 from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.types import SamplingParams
@@ -91,9 +91,9 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=no_retry)
 
 
-def _takes_cache_key(sampler: Sampler) -> bool:
+def _takes_cache_key(sampler: Sampler, name: str = "cache_key") -> bool:
     try:
-        return "cache_key" in inspect.signature(sampler.generate).parameters
+        return name in inspect.signature(sampler.generate).parameters
     except (TypeError, ValueError):
         return False
 
@@ -101,7 +101,8 @@ def _takes_cache_key(sampler: Sampler) -> bool:
 def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryStore, model_name: str,
                default_params: SamplingParams, api_keys: Sequence[str] | Mapping[str, str] = (),
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, opaque_tokens_on_loopback: bool = False,
-               task_max_attempts: int = AgentConfig().rollout_max_retries + 1, chat_router: APIRouter | None = None) -> FastAPI:
+               task_max_attempts: int = AgentConfig().rollout_max_retries + 1, seed: int | None = 0,
+               sampling_overrides: str = "warn", chat_router: APIRouter | None = None) -> FastAPI:
     """The runtime server app (see the module docstring; auth modes in `turnwise.runtime.auth`).
     `chat_router` replaces the OpenAI routes (with `sampler` and `chat` None): the eval proxy of an
     external endpoint (`turnwise.rollout.proxy`)."""
@@ -113,7 +114,12 @@ def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryS
     app.state.runtime = Runtime(
         sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
         auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
-        task_max_attempts=task_max_attempts, sampler_takes_cache_key=sampler is not None and _takes_cache_key(sampler))
+        task_max_attempts=task_max_attempts,
+        sampler_takes_cache_key=sampler is not None and _takes_cache_key(sampler),
+        sampler_takes_on_token=sampler is not None and _takes_cache_key(sampler, "on_token"), seed=seed,
+        sampling_overrides=sampling_overrides)
+    if sampling_overrides not in ("allow", "warn", "deny"):
+        raise ValueError(f"sampling_overrides must be allow, warn or deny, not {sampling_overrides!r}")
     app.include_router(chat_router or openai_routes.router)
     app.include_router(rollout_routes.router)
     app.include_router(task_routes.router)
@@ -125,6 +131,10 @@ def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryS
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             for item in spec.get("paths", {}).values():
                 for op in item.values():
+                    for param in op.get("parameters", ()):  # one of the two names is required; the spec
+                        if param.get("in") == "header" and param.get("name") == TRAJECTORY_HEADERS[0]:
+                            param["required"] = True  # names the canonical one (the alias works too)
+                            param["schema"] = {"type": "string", "minLength": 1, "maxLength": 512}
                     if op.get("responses", {}).pop("422", None) is not None:
                         op["responses"].setdefault("400", {"description": "Malformed request",
                                                            "content": {"application/json": {"schema": {

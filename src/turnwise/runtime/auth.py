@@ -4,7 +4,8 @@ Modes:
 - No keys (the default, loopback only): every request is accepted, whatever its Authorization
   header; it acts on the server's own job. The managed service's agent SDK works unchanged.
 - Keys: `Authorization: Bearer <key>` must match one (compared in constant time). A key given as
-  `{key: job_id}` acts only on that job: it cannot read or write another job's trajectories,
+  `{key: job_id}` (a mapping of keys to jobs) or, in a list, as `{"key": ..., "job": ...}` (the
+  config's `runtime.api_keys` entries) acts only on that job: it cannot read or write another job's trajectories,
   and a request naming another job (`X-Amzn-SageMaker-Job-Arn`, `JobArn`) gets 403. Keys given
   as a plain list act on the server's own job.
 - `opaque_tokens_on_loopback=True` (with keys): a bearer token that matches no key is still
@@ -19,6 +20,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -50,15 +52,26 @@ def job_matches(job_arn: str, job_id: str) -> bool:
     return job_arn == job_id or job_arn.endswith("/" + job_id) or job_arn.endswith(":" + job_id)
 
 
+def _entry(item: Any) -> tuple[str, str | None]:
+    """A list entry: a plain key, `{"key", "job"}`, or an object with `.key` / `.job` (ApiKeyConfig)."""
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, Mapping) and "key" in item:
+        return item["key"], item.get("job")
+    if hasattr(item, "key"):
+        return item.key, getattr(item, "job", None)
+    raise TypeError(f"an api_keys entry must be a key or {{key, job}}, not {type(item).__name__}")
+
+
 class Auth:
     """Checks `Authorization` headers against configured keys."""
 
-    def __init__(self, api_keys: Sequence[str] | Mapping[str, str] = (), *, default_job: str,
-                 opaque_tokens_on_loopback: bool = False) -> None:
+    def __init__(self, api_keys: Sequence[str | Mapping[str, str] | Any] | Mapping[str, str] = (), *,
+                 default_job: str, opaque_tokens_on_loopback: bool = False) -> None:
         if isinstance(api_keys, str):
             raise TypeError("api_keys must be a list of keys or a {key: job_id} mapping, not a string")
-        keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict.fromkeys(api_keys)
-        if any(not k or len(k) < 8 for k in keys):
+        keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict(_entry(k) for k in api_keys)
+        if any(not isinstance(k, str) or len(k) < 8 for k in keys):
             raise ValueError("API keys must be at least 8 characters")
         self._digests = [(hashlib.sha256(k.encode()).digest(), job) for k, job in keys.items()]
         self.default_job = default_job

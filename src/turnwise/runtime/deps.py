@@ -51,6 +51,17 @@ class Runtime:
     """Leases of a pull-worker task before it fails (see `turnwise.runtime.tasks`)."""
     sampler_takes_cache_key: bool = False
     """The sampler's `generate` accepts `cache_key=` (prefix KV reuse per trajectory)."""
+    sampler_takes_on_token: bool = False
+    """The sampler's `generate` accepts `on_token=` (each token as it is sampled: real streaming)."""
+    seed: int | None = 0
+    """Job seed: a request without `seed` samples with one derived from it, the trajectory id and
+    the turn (`turnwise.runtime.service.derive_seed`); None: OS entropy."""
+    sampling_overrides: str = "warn"
+    """allow | warn | deny: a registered rollout's request whose sampling differs from the job's."""
+    override_counts: Counter[str] = field(default_factory=Counter)
+    """Requests whose sampling differed from the job's, by `<param>/<allowed|replaced|denied>`."""
+    override_warned: set[tuple[str, object]] = field(default_factory=set)
+    """(param, value) pairs already logged under `warn`."""
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -1,19 +1,29 @@
-"""OpenAI-compatible routes: chat completions (plain and SSE streaming), the Sample alias, models."""
+"""OpenAI-compatible routes: chat completions (plain and SSE streaming), the Sample alias, models.
+
+Streaming is real where the sampler takes `on_token` (the local engine): text leaves as the
+tokens are sampled. Text from the first character that may open markup (`<`, or `{` / `[`
+when tools are offered: a tool call, an end-of-turn token) or a stop string on is held back
+until the turn is parsed, then sent as the rest of the parsed content, followed by its tool
+calls; so a client sees exactly the message that was recorded.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from turnwise.runtime.deps import CallerDep, RuntimeDep, TrajectoryIdDep, job_store
+from turnwise.runtime.capture import PromptPlan
+from turnwise.runtime.deps import ApiError, CallerDep, Runtime, RuntimeDep, TrajectoryIdDep, job_store
 from turnwise.runtime.schemas import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList
 from turnwise.runtime.service import SampledTurn, sample_turn
+from turnwise.runtime.store import TrajectoryStore
 
 router = APIRouter(tags=["openai"])
 
@@ -59,7 +69,7 @@ def _headers(s: SampledTurn) -> dict[str, str]:
 
 
 def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: dict[str, Any]) -> Iterator[str]:
-    """The whole (already sampled) completion as OpenAI chunks."""
+    """The whole (already sampled) completion as OpenAI chunks (samplers without `on_token`)."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
         return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
@@ -78,13 +88,90 @@ def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: d
     yield "data: [DONE]\n\n"
 
 
+def _streamable(text: str, body: ChatCompletionRequest) -> str:
+    """The part of the text so far that can be sent before the turn is parsed (module docstring)."""
+    openers = "<{[" if body.tools and body.tool_choice != "none" else "<"
+    cut = min((i for i in (text.find(c) for c in openers) if i >= 0), default=len(text))
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if stops:
+        cut = min([cut, *(i for i in (text.find(st[:1]) for st in stops if st) if i >= 0)])
+    return text[:cut].rstrip("\ufffd").strip()
+
+
+async def _live(rt: Runtime, task: asyncio.Task[SampledTurn], tokens: asyncio.Queue[int],
+                body: ChatCompletionRequest, base: dict[str, Any]) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
+        return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        ids: list[int] = []
+        sent = ""
+        while not task.done():
+            get = asyncio.ensure_future(tokens.get())
+            await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                break
+            ids.append(get.result())
+            safe = _streamable(rt.chat.decode(ids), body)
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield chunk({"content": safe[len(sent):]})
+                sent = safe
+        try:
+            s = task.result()
+        except ApiError as e:  # after the 200 went out: OpenAI's in-stream error event
+            yield "data: " + json.dumps(e.body()) + "\n\n"
+            return
+        message = _message(s)
+        final = message["content"] or ""
+        rest = final[len(sent):] if final.startswith(sent) else (
+            final.lstrip()[len(sent):] if final.lstrip().startswith(sent) else "")
+        if rest or body.logprobs:
+            yield chunk({"content": rest}, **({"logprobs": _logprobs(rt, s)} if body.logprobs else {}))
+        for i, call in enumerate(message.get("tool_calls", ())):
+            yield chunk({"tool_calls": [{"index": i, **call}]})
+        yield chunk({}, _finish_reason(s))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
+                                         "usage": _usage(s)}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():  # the client went away: the turn is still sampled and recorded
+            await asyncio.shield(task)
+
+
+async def _stream_live(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
+                       body: ChatCompletionRequest) -> Any:
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue[int] = asyncio.Queue()
+    planned: asyncio.Future[tuple[PromptPlan, int]] = loop.create_future()
+    task = asyncio.create_task(sample_turn(
+        rt, store, trajectory_id, body, on_plan=lambda plan, index: planned.set_result((plan, index)),
+        on_token=lambda token, _lp: loop.call_soon_threadsafe(tokens.put_nowait, token)))
+    await asyncio.wait({task, planned}, return_when=asyncio.FIRST_COMPLETED)
+    if not planned.done():  # refused before sampling (409, 400): a plain error response
+        task.result()
+    plan, index = planned.result()
+    version = rt.sampler.version
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name,
+            "system_fingerprint": f"turnwise-v{version}"}
+    headers = {"X-Turnwise-Turn-Index": str(index), "X-Turnwise-Policy-Version": str(version),
+               "X-Turnwise-Prompt-Plan": plan.reason.value, "Cache-Control": "no-cache"}
+    return StreamingResponse(_live(rt, task, tokens, body, base), media_type="text/event-stream", headers=headers)
+
+
 async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, caller: CallerDep,
                            trajectory_id: TrajectoryIdDep) -> Any:
     """Sample the next assistant turn of the trajectory named in the header, and record it token-exactly."""
-    s = await sample_turn(rt, job_store(rt, caller), trajectory_id, body)
+    store = job_store(rt, caller)
+    if body.stream and rt.sampler_takes_on_token:
+        return await _stream_live(rt, store, trajectory_id, body)
+    s = await sample_turn(rt, store, trajectory_id, body)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": rt.model_name,
             "system_fingerprint": f"turnwise-v{s.turn.version}"}
-    if body.stream:
+    if body.stream:  # a sampler without on_token: the whole completion, cut into chunks
         return StreamingResponse(_stream(rt, s, body, base), media_type="text/event-stream",
                                  headers={**_headers(s), "Cache-Control": "no-cache"})
     choice: dict[str, Any] = {"index": 0, "message": _message(s), "finish_reason": _finish_reason(s),

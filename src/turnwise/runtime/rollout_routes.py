@@ -20,8 +20,11 @@ from turnwise.runtime.schemas import (
 )
 from turnwise.runtime.store import ClientTokenConflict, TransitionError, UnknownTrajectory
 from turnwise.runtime.tasks import TaskQueue
+from turnwise.types import FailureKind
 
 router = APIRouter(tags=["rollouts"])
+INVALID_REWARD = "invalid reward"
+"""Prefix of the error of a rollout whose update-reward could not be used (its typed reason)."""
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -54,8 +57,10 @@ async def update_reward(body: UpdateRewardRequest, rt: RuntimeDep, caller: Calle
         store.set_rewards(body.TrajectoryId, body.Rewards, client_token=body.ClientToken)
     except (UnknownTrajectory, TransitionError, ClientTokenConflict) as e:
         raise ApiError(404 if isinstance(e, UnknownTrajectory) else 409, str(e)) from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    except ValueError as e:  # wrong length or not finite: that rollout fails, with the reason
+        reason = f"{INVALID_REWARD}: {e}"
+        failed = store.fail(body.TrajectoryId, FailureKind.BAD_REWARD, reason)
+        raise ApiError(400, reason + ("; the trajectory is now failed" if failed else "")) from None
     trajectory = store.get(body.TrajectoryId, last_turn_only=True)
     return {"TrajectoryId": body.TrajectoryId, "Status": trajectory.status.value if trajectory else "unknown"}
 
@@ -101,7 +106,7 @@ async def job_stats(job_id: str, rt: RuntimeDep, caller: CallerDep) -> dict[str,
     stats = store.stats()
     return {"job_id": stats.job_id, "trajectories": dict(stats.trajectories_by_status),
             "usage": _usage(stats.usage), "prompt_plans": dict(rt.prompt_plans),
-            "tasks": TaskQueue(store).counts()}
+            "tasks": TaskQueue(store).counts(), "sampling_overrides": dict(rt.override_counts)}
 
 
 @router.get("/health", response_model=HealthOut)

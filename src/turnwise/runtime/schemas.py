@@ -8,8 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from turnwise.types import Message, SamplingParams, TrajectoryStatus, as_messages
 
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-
 
 class _Open(BaseModel):
     """OpenAI clients send fields we do not use (user, metadata, ...): accept and ignore them."""
@@ -101,7 +99,7 @@ class CompleteRolloutRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     TrajectoryId: str = Field(min_length=1, max_length=512)
-    Status: Literal["ready", "failed"]
+    Status: Literal["ready", "failed"] = Field("ready", description="Defaults to ready, as in the managed service.")
     ClientToken: str | None = Field(None, max_length=512)
     JobArn: str | None = None
     Error: str | None = Field(None, max_length=4096, description="Why it failed (turnwise extension).")
@@ -121,7 +119,8 @@ class UpdateRewardRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     TrajectoryId: str = Field(min_length=1, max_length=512)
-    Rewards: list[FiniteFloat] = Field(min_length=1)
+    Rewards: list[Annotated[float, Field(strict=True)]] = Field(
+        min_length=1, description="Finite numbers, one or one per turn; otherwise the rollout fails (400)")
     ClientToken: str | None = Field(None, max_length=512)
     JobArn: str | None = None
 
@@ -263,6 +262,8 @@ class JobStatsOut(BaseModel):
     usage: UsageStats
     prompt_plans: dict[str, int] = Field(description="Prompts per plan reason since the server started")
     tasks: dict[str, int] = Field(description="Pull-worker tasks by status")
+    sampling_overrides: dict[str, int] = Field(
+        default_factory=dict, description="Requests whose sampling differed from the job's, by param/outcome")
 
 
 class HealthOut(BaseModel):

@@ -1,14 +1,30 @@
-"""One chat call, start to end: plan the prompt, sample, parse, record the turn."""
+"""One chat call, start to end: plan the prompt, sample, parse, record the turn.
+
+Sampling parameters: the request's, over the job's for this trajectory (what the trainer chose
+for the rollout, `TrajectoryStore.expect_sampling`), over the runtime's defaults. When the
+request sets temperature, top_p or max_tokens other than the job's, `Runtime.sampling_overrides`
+decides: allow (the request's win), warn (the job's win; logged once per value), deny (400);
+each case is counted in `Runtime.override_counts`. A request without `seed` samples with
+`derive_seed(job seed, trajectory id, turn)`, so the same job seed, trajectory ids and
+requests give the same tokens (see README "Reproducibility" for what else that needs).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from turnwise.runtime.capture import PromptPlan, plan_prompt
 from turnwise.runtime.deps import ApiError, Runtime
 from turnwise.runtime.schemas import ChatCompletionRequest
 from turnwise.runtime.store import TrajectoryStore, TransitionError
-from turnwise.types import Completion, TrajectoryStatus, Turn
+from turnwise.types import Completion, SamplingParams, TrajectoryStatus, Turn
+
+log = logging.getLogger(__name__)
+_OVERRIDABLE = ("temperature", "top_p", "max_tokens")
 
 
 @dataclass(frozen=True)
@@ -30,9 +46,54 @@ def _not_in_progress(trajectory_id: str, status: TrajectoryStatus) -> ApiError:
                          f"turn (needs in_progress; it was already completed)")
 
 
-async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
-                      body: ChatCompletionRequest) -> SampledTurn:
-    """Sample the next assistant turn of a trajectory (creating it on its first call) and record it."""
+def derive_seed(job_seed: int, trajectory_id: str, turn: int) -> int:
+    """A 63-bit seed from the job seed, the trajectory id and the turn index (SHA-256)."""
+    digest = hashlib.sha256(f"{job_seed}\x00{trajectory_id}\x00{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _request_value(body: ChatCompletionRequest, name: str) -> float | int | None:
+    if name == "max_tokens":
+        return body.max_completion_tokens or body.max_tokens
+    return getattr(body, name)
+
+
+def sampling_for(rt: Runtime, store: TrajectoryStore, trajectory_id: str, body: ChatCompletionRequest,
+                 turn: int) -> SamplingParams:
+    """The parameters this turn samples with (module docstring)."""
+    job = store.expected_sampling(trajectory_id) or {}
+    defaults = dataclasses.replace(rt.default_params, **job)
+    params = body.sampling_params(defaults)
+    differing = {k: v for k in _OVERRIDABLE if k in job and (v := _request_value(body, k)) is not None
+                 and v != job[k]}
+    if differing and rt.sampling_overrides == "deny":
+        for k in differing:
+            rt.override_counts[f"{k}/denied"] += 1
+        listed = ", ".join(f"{k}={v!r} (the job's: {job[k]!r})" for k, v in differing.items())
+        raise ApiError(400, f"this rollout samples with the job's parameters; the request sets {listed} "
+                            "(runtime.sampling_overrides: deny)")
+    if differing and rt.sampling_overrides == "warn":
+        params = dataclasses.replace(params, **{k: job[k] for k in differing})
+        for k, v in differing.items():
+            if (k, v) not in rt.override_warned:
+                rt.override_warned.add((k, v))
+                log.warning("a request set %s=%r; the job's %s=%r is used instead "
+                            "(runtime.sampling_overrides: warn; allow lets agents override)", k, v, k, job[k])
+            rt.override_counts[f"{k}/replaced"] += 1
+    elif differing:
+        for k in differing:
+            rt.override_counts[f"{k}/allowed"] += 1
+    if params.seed is None and rt.seed is not None:
+        params = dataclasses.replace(params, seed=derive_seed(rt.seed, trajectory_id, turn))
+    return params
+
+
+async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, body: ChatCompletionRequest, *,
+                      on_token: Callable[[int, float], None] | None = None,
+                      on_plan: Callable[[PromptPlan, int], None] | None = None) -> SampledTurn:
+    """Sample the next assistant turn of a trajectory (creating it on its first call) and record it.
+    `on_plan(plan, turn index)` runs before sampling; `on_token(id, logprob)` for every token as
+    the sampler produces it (from the sampler's thread), when the sampler supports it."""
     messages = body.to_messages()
     tools = body.tool_dicts()
     previous = store.get(trajectory_id, last_turn_only=True)
@@ -46,13 +107,17 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
         raise ApiError(400, f"cannot render these messages with the chat template: {e}") from None
     rt.prompt_plans[plan.reason.value] += 1
 
-    params = body.sampling_params(rt.default_params)
+    turn_index = previous.turns[-1].index + 1 if previous is not None and previous.turns else 0
+    params = sampling_for(rt, store, trajectory_id, body, turn_index)
+    if on_plan is not None:
+        on_plan(plan, turn_index)
+    extra: dict[str, object] = {}
+    if rt.sampler_takes_cache_key:  # the engine keeps this trajectory's KV for the next turn
+        extra["cache_key"] = f"{store.job_id}/{trajectory_id}"
+    if on_token is not None and rt.sampler_takes_on_token:
+        extra["on_token"] = on_token
     try:
-        if rt.sampler_takes_cache_key:  # the engine keeps this trajectory's KV for the next turn
-            completion = await rt.sampler.generate(plan.prompt_ids, params,  # type: ignore[call-arg]
-                                                   cache_key=f"{store.job_id}/{trajectory_id}")
-        else:
-            completion = await rt.sampler.generate(plan.prompt_ids, params)
+        completion = await rt.sampler.generate(plan.prompt_ids, params, **extra)  # type: ignore[call-arg]
     except ValueError as e:  # e.g. the prompt does not fit the model's context
         raise ApiError(400, f"sampler refused the request: {e}") from None
 

@@ -6,7 +6,9 @@ process crashes; pass synchronous="FULL" to survive power loss too). One connect
 file, guarded by a lock, so a store is safe to share between threads (the server's event loop,
 the trainer). Several processes may open the same file; SQLite's locking orders their writes.
 
-Lifecycle (`TRAJECTORY_TRANSITIONS`): in_progress -> ready | failed; ready -> rewarded.
+Lifecycle (`TRAJECTORY_TRANSITIONS`): in_progress -> ready | failed; ready -> rewarded, or
+failed when its reward is rejected or never came (`fail`, the trainer's or the runtime's verdict);
+any -> abandoned when a resumed run drops the step that was cut short (`abandon_after`).
 A `ClientToken` makes `complete` and `set_rewards` idempotent: repeating a call with the token
 that already took effect is a no-op success.
 """
@@ -20,6 +22,7 @@ import sqlite3
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -179,6 +182,8 @@ class _Db:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.lock = threading.RLock()
+        self.sampling: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        """The job's sampling parameters per trajectory (`expect_sampling`); in memory, bounded."""
         self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
@@ -189,6 +194,9 @@ class _Db:
             columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(trajectories)")}
             if "failure" not in columns:  # a store written before failures were typed
                 self.conn.execute("ALTER TABLE trajectories ADD COLUMN failure TEXT")
+
+
+_SAMPLING_ENTRIES = 1 << 16  # rollouts in flight at once, with a wide margin
 
 
 class TrajectoryStore:
@@ -241,6 +249,26 @@ class TrajectoryStore:
         return row
 
     # -- writes --------------------------------------------------------------------------
+
+    def expect_sampling(self, trajectory_id: str, params: Mapping[str, Any]) -> None:
+        """Record the sampling parameters the trainer chose for this rollout (temperature, top_p,
+        max_tokens), which the runtime applies against the request's (`runtime.sampling_overrides`)."""
+        def valid(k: str, v: Any) -> bool:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                return False
+            return v >= 0 if k == "temperature" else 0 < v <= 1 if k == "top_p" else isinstance(v, int) and v >= 1
+
+        keep = {k: params[k] for k in ("temperature", "top_p", "max_tokens") if valid(k, params.get(k))}
+        with self._db.lock:
+            self._db.sampling[(self.job_id, trajectory_id)] = keep
+            self._db.sampling.move_to_end((self.job_id, trajectory_id))
+            while len(self._db.sampling) > _SAMPLING_ENTRIES:
+                self._db.sampling.popitem(last=False)
+
+    def expected_sampling(self, trajectory_id: str) -> dict[str, Any] | None:
+        """What `expect_sampling` recorded for this trajectory, if anything."""
+        with self._db.lock:
+            return self._db.sampling.get((self.job_id, trajectory_id))
 
     def begin(self, trajectory_id: str, tools: Sequence[Mapping[str, Any]] | None = ()) -> None:
         """Create the trajectory IN_PROGRESS if new; tools are set until its first turn is recorded."""

@@ -27,9 +27,22 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class PayloadIn(BaseModel):
+    """A push payload (DESIGN.md): checked here, so a bad one is refused on POST, not at lease time."""
+
+    model_config = ConfigDict(extra="allow")
+
+    instance: dict[str, Any] | None = Field(None, description="The task row (the SDK's payload)")
+    prompt: str | list[Any] | dict[str, Any] | None = Field(None, description="The task's prompt (AgentCore's payload)")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="job_arn, trajectory_id, endpoint, ...")
+    inference_params: dict[str, Any] | None = None
+    inferenceParams: dict[str, Any] | None = None
+    model_name: str | None = None
+
+
 class TaskIn(_Body):
     TaskId: str | None = Field(None, min_length=1, max_length=400)
-    Payload: dict[str, Any] = Field(description="Push payload: instance, prompt, metadata, inference_params, ...")
+    Payload: PayloadIn = Field(description="Push payload: instance, prompt, metadata, inference_params, ...")
 
 
 class AddTasksRequest(_Body):
@@ -101,7 +114,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 @router.post("/tasks", response_model=AddTasksResponse, responses=_errors(400, 401, 413))
 async def add_tasks(body: AddTasksRequest, rt: RuntimeDep, caller: CallerDep) -> dict[str, Any]:
     """Queue rollouts for pull workers (an id already queued is kept as it is)."""
-    ids = _queue(rt, caller).add([(t.TaskId, t.Payload) for t in body.Tasks])
+    ids = _queue(rt, caller).add([(t.TaskId, t.Payload.model_dump(exclude_none=True)) for t in body.Tasks])
     return {"TaskIds": ids}
 
 
@@ -112,7 +125,8 @@ async def lease_tasks(body: LeaseRequest, request: Request, rt: RuntimeDep, call
     leases = []
     for lease in _queue(rt, caller).lease(body.WorkerId, body.MaxTasks, body.LeaseSeconds):
         payload = dict(lease.payload)
-        payload["metadata"] = {"endpoint": endpoint, **payload["metadata"]}
+        meta = payload.get("metadata")
+        payload["metadata"] = {"endpoint": endpoint, **(meta if isinstance(meta, dict) else {})}
         leases.append({"TaskId": lease.task_id, "LeaseId": lease.lease_id, "TrajectoryId": lease.trajectory_id,
                        "Attempt": lease.attempt, "ExpiresAt": lease.expires_at, "Payload": payload})
     return {"Leases": leases}
