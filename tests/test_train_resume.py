@@ -142,3 +142,22 @@ def test_sigterm_during_the_warm_start_stops_after_the_batch_in_progress(tmp_pat
     assert max(r["step"] for r in rows if "warm_start/nll" in r) == 3
     assert latest_checkpoint(run_dir) is None and not (run_dir / "checkpoints" / "warm_start").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_two_runs_with_the_same_seed_sample_the_same_rollouts(tmp_path):
+    """No request seeds: the runtime derives them from the job seed, the trajectory id (counted,
+    not random) and the turn, so sequential dispatch reproduces the run; another seed does not."""
+    async def agent(task, client, ctx):
+        r = await client.chat.completions.create(model=ctx.model, messages=[{"role": "user", "content": task["question"]}],
+                                                 **ctx.inference_params)
+        return min(1.0, len(r.choices[0].message.content or "") / 60)
+
+    def rollouts(name: str, seed: int) -> list[tuple[str, str, list[float]]]:
+        cfg = small_config(tmp_path, max_steps=1, seed=seed, **{"agent.concurrency": 1})
+        run(cfg, agent, tmp_path / name)
+        lines = (tmp_path / name / "rollouts" / "step_00001.jsonl").read_text().splitlines()
+        return [(r["task_id"], r["messages"][-1]["content"], r["rewards"]) for r in map(json.loads, lines)]
+
+    first, again, other = rollouts("a", 0), rollouts("b", 0), rollouts("c", 1)
+    assert first == again
+    assert [m for _, m, _ in first] != [m for _, m, _ in other]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +52,7 @@ class InProcessDispatcher:
     async def _run_one(self, task: Task, inference_params: Mapping[str, Any], trajectory_id: str | None,
                        feedback: FeedbackClient) -> RolloutResult:
         async with self.limit:
-            ctx = RolloutContext(trajectory_id=trajectory_id or f"traj-{uuid.uuid4().hex}",
+            ctx = RolloutContext(trajectory_id=trajectory_id or self.store.new_trajectory_id(),
                                  base_url=self.base_url, model=self.model,
                                  inference_params=dict(inference_params), api_key=self.api_key)
             self.store.begin(ctx.trajectory_id)

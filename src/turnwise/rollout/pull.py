@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -56,7 +55,7 @@ class WorkerDispatcher:
 
     async def run_groups(self, tasks: Sequence[Task], group_size: int,
                          inference_params: Mapping[str, Any]) -> list[Group]:
-        batch = uuid.uuid4().hex[:12]
+        batch = self.store.new_trajectory_id("batch")
         ids = [f"{batch}-{i}-{g}" for i in range(len(tasks)) for g in range(group_size)]
         return as_groups(tasks, group_size, await self._run(
             [tasks[k // group_size] for k in range(len(ids))], ids, inference_params))
@@ -64,7 +63,7 @@ class WorkerDispatcher:
     async def run_one(self, task: Task, inference_params: Mapping[str, Any],
                       trajectory_id: str | None = None) -> RolloutResult:
         """One rollout; with `trajectory_id`, that is the task id and its first attempt's trajectory id."""
-        [result] = await self._run([task], [trajectory_id or uuid.uuid4().hex[:12]], inference_params,
+        [result] = await self._run([task], [trajectory_id or self.store.new_trajectory_id("task")], inference_params,
                                    named=trajectory_id is not None)
         return result
 

@@ -35,7 +35,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -188,7 +187,7 @@ class PushDispatcher:
             attempts = self.max_retries + 1
             retried: list[FailureKind] = []
             for attempt in range(1, attempts + 1):
-                trajectory_id = first_id if attempt == 1 and first_id else f"traj-{uuid.uuid4().hex}"
+                trajectory_id = first_id if attempt == 1 and first_id else self.store.new_trajectory_id()
                 self.store.begin(trajectory_id)
                 self.store.expect_sampling(trajectory_id, inference_params)  # runtime.sampling_overrides
                 payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,

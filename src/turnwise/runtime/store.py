@@ -207,6 +207,7 @@ class TrajectoryStore:
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         self._db = _Db(path, synchronous.upper())
         self.job_id = job_id
+        self._next_id: int | None = None
 
     @property
     def path(self) -> Path:
@@ -269,6 +270,21 @@ class TrajectoryStore:
         """What `expect_sampling` recorded for this trajectory, if anything."""
         with self._db.lock:
             return self._db.sampling.get((self.job_id, trajectory_id))
+
+    def new_trajectory_id(self, prefix: str = "traj") -> str:
+        """A trajectory id not used in this job: `<prefix>-<n>`, n counting up from the number of
+        trajectories already stored. Deterministic, so two runs that dispatch in the same order get
+        the same ids and so the same derived sampling seeds (see `runtime.service`)."""
+        with self._db.lock:
+            if getattr(self, "_next_id", None) is None:
+                self._next_id = self._db.conn.execute("SELECT COUNT(*) FROM trajectories WHERE job_id=?",
+                                                      (self.job_id,)).fetchone()[0]
+            while True:
+                candidate = f"{prefix}-{self._next_id:06d}"
+                self._next_id += 1
+                if self._db.conn.execute("SELECT 1 FROM trajectories WHERE job_id=? AND id=?",
+                                         (self.job_id, candidate)).fetchone() is None:
+                    return candidate
 
     def begin(self, trajectory_id: str, tools: Sequence[Mapping[str, Any]] | None = ()) -> None:
         """Create the trajectory IN_PROGRESS if new; tools are set until its first turn is recorded."""
