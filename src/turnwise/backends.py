@@ -26,7 +26,20 @@ from turnwise.types import AdamParams, Completion, Datum, LossOptions, SamplingP
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Samples completions for token prompts with the current policy weights."""
+    """Samples completions for token prompts with the current policy weights.
+
+    `generate` may accept optional keywords beyond the two below; the runtime checks its signature
+    once (`turnwise.runtime.app.create_app`) and passes only those it names, so a minimal engine
+    stays minimal:
+
+    - `cache_key: str`: `"<job>/<trajectory>"`, the same for every turn of a rollout, so the engine
+      can keep that prefix's KV cache for the next turn;
+    - `on_token: Callable[[int, float], None]`: called with each token id and logprob as it is
+      sampled (from the engine's thread), for real streaming;
+    - `context: turnwise.types.SampleContext`: trajectory id, task id and turn index of the prompt,
+      so a scripted or task-aware policy (`turnwise.runtime.testing.ScriptedSampler`) need not
+      read them from the prompt.
+    """
 
     @property
     def version(self) -> int:

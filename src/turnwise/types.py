@@ -110,6 +110,19 @@ class SamplingParams:
     """Per-request seed for reproducible sampling."""
 
 
+@dataclass(frozen=True)
+class SampleContext:
+    """Which rollout a prompt belongs to: the runtime passes it as `context=` to a sampler that
+    accepts it, so a scripted policy can answer per task without the agent marking its prompts."""
+
+    trajectory_id: str
+    """The trajectory the prompt belongs to (the request's header)."""
+    task_id: str | None
+    """The task the dispatcher began the trajectory for; None for one it did not begin."""
+    turn: int
+    """Index of the turn being sampled (0 for the first model call)."""
+
+
 class FinishReason(str, enum.Enum):
     """Why the sampler ended a completion."""
 
@@ -264,6 +277,8 @@ class Trajectory:
     """Why it failed, when it did (for people; code reads `failure`)."""
     failure: FailureKind | None = None
     """The kind of failure, when it failed."""
+    task_id: str | None = None
+    """The task it was run on (`Task.id`), as the dispatcher recorded it; None when none did."""
 
     @property
     def reward(self) -> float:

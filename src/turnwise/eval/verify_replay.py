@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from turnwise.runtime.protocols import Sampler
-from turnwise.types import Completion, FinishReason, SamplingParams, Trajectory, json_dumps_canonical
+from turnwise.types import (
+    Completion,
+    FinishReason,
+    SampleContext,
+    SamplingParams,
+    Trajectory,
+    json_dumps_canonical,
+)
 
 
 class ReplayExhausted(ValueError):
@@ -39,7 +46,7 @@ class RoutingSampler:
         self._scripts: dict[str, tuple[Completion, ...]] = {}
         self._next: dict[str, int] = {}
         self._empty: set[str] = set()
-        self._policy_takes_cache_key = "cache_key" in inspect.signature(policy.generate).parameters
+        self._policy_takes = set(inspect.signature(policy.generate).parameters) & {"cache_key", "context"}
 
     @property
     def version(self) -> int:
@@ -58,7 +65,7 @@ class RoutingSampler:
         self._empty.add(trajectory_id)
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       cache_key: str | None = None) -> Completion:
+                       cache_key: str | None = None, context: SampleContext | None = None) -> Completion:
         trajectory_id = (cache_key or "").partition("/")[2]
         if trajectory_id in self._scripts:
             script, i = self._scripts[trajectory_id], self._next[trajectory_id]
@@ -70,9 +77,8 @@ class RoutingSampler:
         if trajectory_id in self._empty:
             return Completion(token_ids=(self._stop_id,), logprobs=(0.0,), finish_reason=FinishReason.STOP,
                               version=self.version, prompt_tokens=len(prompt_ids))
-        if self._policy_takes_cache_key:
-            return await self.policy.generate(prompt_ids, params, cache_key=cache_key)  # type: ignore[call-arg]
-        return await self.policy.generate(prompt_ids, params)
+        extra = {k: v for k, v in (("cache_key", cache_key), ("context", context)) if k in self._policy_takes}
+        return await self.policy.generate(prompt_ids, params, **extra)  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True)

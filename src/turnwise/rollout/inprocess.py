@@ -55,7 +55,7 @@ class InProcessDispatcher:
             ctx = RolloutContext(trajectory_id=trajectory_id or self.store.new_trajectory_id(),
                                  base_url=self.base_url, model=self.model,
                                  inference_params=dict(inference_params), api_key=self.api_key)
-            self.store.begin(ctx.trajectory_id)
+            self.store.begin(ctx.trajectory_id, task_id=task.id)  # the runtime's SampleContext names it
             self.store.expect_sampling(ctx.trajectory_id, inference_params)  # runtime.sampling_overrides
             start = time.perf_counter()
             run = await run_agent(self.agent, task, ctx, self.timeout)

@@ -78,7 +78,8 @@ class WorkerDispatcher:
             rows.append((task_id, payload))
         start = time.perf_counter()
         queue.add(rows)
-        finished = await self._wait(queue, ids, start)
+        finished = await self._wait(queue, {task_id: task.id for task, task_id in zip(tasks, ids, strict=True)},
+                                    start)
         return [RolloutResult(task=task, trajectory=finished[task_id][0], seconds=finished[task_id][1],
                               retried=self._retried(task_id, finished[task_id][0].id))
                 for task, task_id in zip(tasks, ids, strict=True)]
@@ -95,8 +96,10 @@ class WorkerDispatcher:
                 out.append(t.failure or FailureKind.AGENT_ERROR)
         return tuple(out)
 
-    async def _wait(self, queue: TaskQueue, ids: Sequence[str], start: float) -> dict[str, tuple[Trajectory, float]]:
-        """Poll until every task ended; task id -> (its last attempt's trajectory, seconds)."""
+    async def _wait(self, queue: TaskQueue, ids: Mapping[str, str],
+                    start: float) -> dict[str, tuple[Trajectory, float]]:
+        """Poll until every task (queue task id -> `Task.id`) ended; task id -> (its last attempt's
+        trajectory, seconds)."""
         pending = set(ids)
         ended_at: dict[str, float] = {}  # task done, trajectory not yet rewarded: when first seen
         finished: dict[str, tuple[Trajectory, float]] = {}
@@ -116,7 +119,7 @@ class WorkerDispatcher:
                                 self.queue_timeout)
                 last_lease = time.monotonic()
             for task_id, status, trajectory_id, error in self._ended(pending):
-                trajectory = self._trajectory_of(task_id, status, trajectory_id, error)
+                trajectory = self._trajectory_of(task_id, status, trajectory_id, error, ids[task_id])
                 if trajectory.status not in TERMINAL:  # the queue is sealing it, or update-reward may follow
                     first = ended_at.setdefault(task_id, time.monotonic())
                     if time.monotonic() - first < self.timeout:
@@ -151,11 +154,11 @@ class WorkerDispatcher:
         return out
 
     def _trajectory_of(self, task_id: str, status: TaskStatus, trajectory_id: str | None,
-                       error: str | None) -> Trajectory:
+                       error: str | None, task_row_id: str) -> Trajectory:
         trajectory = self.store.get(trajectory_id) if trajectory_id else None
         if trajectory is None:  # never leased (the queue timed out): a failed trajectory records why
             trajectory_id = trajectory_id or f"{task_id}.none"
-            self.store.begin(trajectory_id)
+            self.store.begin(trajectory_id, task_id=task_row_id)
             self.store.fail(trajectory_id, FailureKind.QUEUE_TIMEOUT, error or f"task {status.value}")
             trajectory = self.store.get(trajectory_id)
             assert trajectory is not None

@@ -69,9 +69,10 @@ def prompt_of(row: Mapping[str, Any]) -> str:
 def push_payload(task: Task, inference_params: Mapping[str, Any], *, model: str, job_arn: str,
                  trajectory_id: str | None = None, endpoint: str | None = None,
                  region: str = "local") -> dict[str, Any]:
-    """The `/rollout` body of DESIGN.md (both spellings of the keys the managed service sends)."""
+    """The `/rollout` body of DESIGN.md (both spellings of the keys the managed service sends).
+    `metadata.task_id` is the task's id, which a pull worker's lease records on the trajectory."""
     params = {k: inference_params[k] for k in ("temperature", "max_tokens", "top_p") if k in inference_params}
-    metadata: dict[str, Any] = {"job_arn": job_arn, "jobArn": job_arn, "region": region}
+    metadata: dict[str, Any] = {"job_arn": job_arn, "jobArn": job_arn, "region": region, "task_id": task.id}
     if trajectory_id is not None:
         metadata["trajectory_id"] = metadata["rolloutId"] = trajectory_id
     if endpoint is not None:
@@ -188,7 +189,7 @@ class PushDispatcher:
             retried: list[FailureKind] = []
             for attempt in range(1, attempts + 1):
                 trajectory_id = first_id if attempt == 1 and first_id else self.store.new_trajectory_id()
-                self.store.begin(trajectory_id)
+                self.store.begin(trajectory_id, task_id=task.id)
                 self.store.expect_sampling(trajectory_id, inference_params)  # runtime.sampling_overrides
                 payload = push_payload(task, inference_params, model=self.model, job_arn=self.store.job_id,
                                        trajectory_id=trajectory_id, endpoint=self.endpoint)

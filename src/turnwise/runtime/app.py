@@ -91,7 +91,8 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=no_retry)
 
 
-def _takes_cache_key(sampler: Sampler, name: str = "cache_key") -> bool:
+def _takes(sampler: Sampler, name: str) -> bool:
+    """Whether `sampler.generate` accepts the optional keyword `name` (asked once, not per call)."""
     try:
         return name in inspect.signature(sampler.generate).parameters
     except (TypeError, ValueError):
@@ -115,8 +116,9 @@ def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryS
         sampler=sampler, chat=chat, store=store, model_name=model_name, default_params=default_params,
         auth=Auth(api_keys, default_job=store.job_id, opaque_tokens_on_loopback=opaque_tokens_on_loopback),
         task_max_attempts=task_max_attempts,
-        sampler_takes_cache_key=sampler is not None and _takes_cache_key(sampler),
-        sampler_takes_on_token=sampler is not None and _takes_cache_key(sampler, "on_token"), seed=seed,
+        sampler_takes_cache_key=sampler is not None and _takes(sampler, "cache_key"),
+        sampler_takes_on_token=sampler is not None and _takes(sampler, "on_token"),
+        sampler_takes_context=sampler is not None and _takes(sampler, "context"), seed=seed,
         sampling_overrides=sampling_overrides)
     if sampling_overrides not in ("allow", "warn", "deny"):
         raise ValueError(f"sampling_overrides must be allow, warn or deny, not {sampling_overrides!r}")

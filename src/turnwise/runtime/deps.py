@@ -53,6 +53,8 @@ class Runtime:
     """The sampler's `generate` accepts `cache_key=` (prefix KV reuse per trajectory)."""
     sampler_takes_on_token: bool = False
     """The sampler's `generate` accepts `on_token=` (each token as it is sampled: real streaming)."""
+    sampler_takes_context: bool = False
+    """The sampler's `generate` accepts `context=` (a `SampleContext`: trajectory, task, turn)."""
     seed: int | None = 0
     """Job seed: a request without `seed` samples with one derived from it, the trajectory id and
     the turn (`turnwise.runtime.service.derive_seed`); None: OS entropy."""

@@ -21,7 +21,7 @@ from turnwise.runtime.capture import PromptPlan, plan_prompt
 from turnwise.runtime.deps import ApiError, Runtime
 from turnwise.runtime.schemas import ChatCompletionRequest
 from turnwise.runtime.store import TrajectoryStore, TransitionError
-from turnwise.types import Completion, SamplingParams, TrajectoryStatus, Turn
+from turnwise.types import Completion, SampleContext, SamplingParams, TrajectoryStatus, Turn
 
 log = logging.getLogger(__name__)
 _OVERRIDABLE = ("temperature", "top_p", "max_tokens")
@@ -93,7 +93,8 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
                       on_plan: Callable[[PromptPlan, int], None] | None = None) -> SampledTurn:
     """Sample the next assistant turn of a trajectory (creating it on its first call) and record it.
     `on_plan(plan, turn index)` runs before sampling; `on_token(id, logprob)` for every token as
-    the sampler produces it (from the sampler's thread), when the sampler supports it."""
+    the sampler produces it (from the sampler's thread), when the sampler supports it. A sampler
+    whose `generate` takes `context` gets a `SampleContext` (trajectory, task, turn)."""
     messages = body.to_messages()
     tools = body.tool_dicts()
     previous = store.get(trajectory_id, last_turn_only=True)
@@ -116,6 +117,9 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
         extra["cache_key"] = f"{store.job_id}/{trajectory_id}"
     if on_token is not None and rt.sampler_takes_on_token:
         extra["on_token"] = on_token
+    if rt.sampler_takes_context:  # a scripted policy answers per task without reading the prompt
+        extra["context"] = SampleContext(trajectory_id=trajectory_id, turn=turn_index,
+                                         task_id=previous.task_id if previous is not None else None)
     try:
         completion = await rt.sampler.generate(plan.prompt_ids, params, **extra)  # type: ignore[call-arg]
     except ValueError as e:  # e.g. the prompt does not fit the model's context

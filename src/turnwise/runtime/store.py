@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS trajectories (
     tools TEXT NOT NULL,
     error TEXT,
     failure TEXT,
+    task_id TEXT,
     complete_token TEXT,
     n_turns INTEGER NOT NULL DEFAULT 0,
     prefill_tokens INTEGER NOT NULL DEFAULT 0,
@@ -194,6 +195,8 @@ class _Db:
             columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(trajectories)")}
             if "failure" not in columns:  # a store written before failures were typed
                 self.conn.execute("ALTER TABLE trajectories ADD COLUMN failure TEXT")
+            if "task_id" not in columns:  # a store written before trajectories knew their task
+                self.conn.execute("ALTER TABLE trajectories ADD COLUMN task_id TEXT")
 
 
 _SAMPLING_ENTRIES = 1 << 16  # rollouts in flight at once, with a wide margin
@@ -286,17 +289,21 @@ class TrajectoryStore:
                                          (self.job_id, candidate)).fetchone() is None:
                     return candidate
 
-    def begin(self, trajectory_id: str, tools: Sequence[Mapping[str, Any]] | None = ()) -> None:
-        """Create the trajectory IN_PROGRESS if new; tools are set until its first turn is recorded."""
+    def begin(self, trajectory_id: str, tools: Sequence[Mapping[str, Any]] | None = (), *,
+              task_id: str | None = None) -> None:
+        """Create the trajectory IN_PROGRESS if new; tools are set until its first turn is recorded.
+        `task_id` (the dispatcher's `Task.id`) is kept once set: the runtime's own `begin` on the
+        first model call, which knows no task, cannot erase it."""
         now = time.time()
         tools_json = json.dumps(list(tools or ()))
         with self._db.lock:  # one statement: atomic on its own
             self._db.conn.execute(
-                "INSERT INTO trajectories (job_id, id, status, tools, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, id) DO UPDATE SET tools=excluded.tools "
-                "WHERE n_turns=0 AND status=? AND excluded.tools != '[]'",
-                (self.job_id, trajectory_id, TrajectoryStatus.IN_PROGRESS.value, tools_json, now, now,
-                 TrajectoryStatus.IN_PROGRESS.value))
+                "INSERT INTO trajectories (job_id, id, status, tools, task_id, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, id) DO UPDATE SET "
+                "tools=CASE WHEN n_turns=0 AND status=? AND excluded.tools != '[]' "
+                "THEN excluded.tools ELSE tools END, task_id=COALESCE(task_id, excluded.task_id)",
+                (self.job_id, trajectory_id, TrajectoryStatus.IN_PROGRESS.value, tools_json, task_id,
+                 now, now, TrajectoryStatus.IN_PROGRESS.value))
 
     def append_turn(self, trajectory_id: str, turn: Turn, *, prefill_tokens: int | None = None) -> Turn:
         """Record a turn at the next position (its `index` is set here); returns the stored turn.
@@ -446,7 +453,8 @@ class TrajectoryStore:
         return Trajectory(id=row["id"], job_id=self.job_id, status=TrajectoryStatus(row["status"]),
                           turns=tuple(turns), rewards=tuple(json.loads(reward["rewards"])) if reward else (),
                           tools=tuple(json.loads(row["tools"])), error=row["error"],
-                          failure=FailureKind(row["failure"]) if row["failure"] else None)
+                          failure=FailureKind(row["failure"]) if row["failure"] else None,
+                          task_id=row["task_id"])
 
     def list(self, status: TrajectoryStatus | str | None = None) -> list[Trajectory]:
         """Every trajectory of the job (optionally only those in one status), oldest first."""

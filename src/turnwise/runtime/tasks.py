@@ -134,14 +134,16 @@ class TaskQueue:
                 leases.append(lease)
         out = []
         for lease in leases:
-            self.store.begin(lease.trajectory_id)  # exists from the start: a failure is recorded even then
-            params = lease.payload.get("inference_params") or lease.payload.get("inferenceParams")
-            if isinstance(params, dict):  # the job's sampling for this rollout (runtime.sampling_overrides)
-                self.store.expect_sampling(lease.trajectory_id, params)
             payload = copy.deepcopy(dict(lease.payload))
             meta = payload.get("metadata")
             if not isinstance(meta, dict):  # rows queued before POST /tasks validated payloads
                 meta = payload["metadata"] = {}
+            task_id = meta.get("task_id")  # the dispatcher's `Task.id` (`push_payload`), for the sampler
+            # exists from the start: a failure is recorded even then
+            self.store.begin(lease.trajectory_id, task_id=str(task_id) if isinstance(task_id, str | int) else None)
+            params = payload.get("inference_params") or payload.get("inferenceParams")
+            if isinstance(params, dict):  # the job's sampling for this rollout (runtime.sampling_overrides)
+                self.store.expect_sampling(lease.trajectory_id, params)
             meta["trajectory_id"] = meta["rolloutId"] = lease.trajectory_id
             out.append(Lease(**{**lease.__dict__, "payload": payload}))
         return out

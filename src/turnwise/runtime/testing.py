@@ -7,13 +7,22 @@ written Hermes-style, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from turnwise.config import default_sampling_params
-from turnwise.types import Completion, FinishReason, Message, SamplingParams, ToolCall, json_dumps_canonical
+from turnwise.types import (
+    Completion,
+    FinishReason,
+    Message,
+    SampleContext,
+    SamplingParams,
+    ToolCall,
+    json_dumps_canonical,
+)
 
 IM_START, IM_END, PAD = 256, 257, 258
 _SPECIAL = {"<|im_start|>": IM_START, "<|im_end|>": IM_END, "<|pad|>": PAD}
@@ -97,25 +106,47 @@ class ByteChat:
         return Message(role="assistant", content=content, tool_calls=tuple(calls)), False
 
 
-Script = Callable[[Sequence[int]], Sequence[int]]
+Script = (Callable[[Sequence[int]], Sequence[int]]
+          | Callable[[Sequence[int], SampleContext | None], Sequence[int]])
+
+
+def _positional_parameters(fn: Callable[..., Any]) -> int:
+    """How many positional arguments `fn` takes (2 for `*args`); 1 when its signature is hidden."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 class ScriptedSampler:
-    """Answers instantly: `script(prompt_ids)` gives the completion ids (or a list, one per call)."""
+    """Answers instantly: `script(prompt_ids)` gives the completion ids (or a list, one per call).
+
+    A script of two positional parameters is called `script(prompt_ids, context)` with the
+    runtime's `SampleContext` (trajectory, task id, turn), so it can answer per task while the
+    agent's prompts are identical; `context` is None when `generate` is called without one."""
 
     def __init__(self, script: Script | Sequence[Sequence[int]], *, version: int = 0,
                  logprob: float = -0.5) -> None:
         self._script = script
+        self._takes_context = callable(script) and _positional_parameters(script) >= 2
         self._calls = 0
         self.version = version
         self.logprob = logprob
         self.prompts: list[tuple[int, ...]] = []
         """Every prompt received, in order."""
+        self.contexts: list[SampleContext | None] = []
+        """The context of each prompt in `prompts` (None where the caller gave none)."""
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       context: SampleContext | None = None) -> Completion:
         self.prompts.append(tuple(prompt_ids))
+        self.contexts.append(context)
         if callable(self._script):
-            ids = tuple(self._script(prompt_ids))
+            ids = tuple(self._script(prompt_ids, context) if self._takes_context  # type: ignore[call-arg]
+                        else self._script(prompt_ids))  # type: ignore[call-arg]
         else:
             ids = tuple(self._script[self._calls % len(self._script)])
         self._calls += 1
