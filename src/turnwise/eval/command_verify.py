@@ -50,7 +50,7 @@ def job_policy(cfg: JobConfig) -> Iterator[tuple[Sampler, Chat]]:
 
     model, tokenizer = load_policy(cfg.model)
     with SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size) as engine:
-        yield engine, ChatFormat(tokenizer, cfg.model.tool_call_format)
+        yield engine, ChatFormat(tokenizer, cfg.model.chat_format)
 
 
 def verify_job(cfg: JobConfig, policy: Callable[[JobConfig], Any] | None = None) -> VerifyReport:

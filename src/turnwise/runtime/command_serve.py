@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_policy(cfg.model)
     engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size)
     store = TrajectoryStore(db, job_id=job_id)
-    app = create_app(sampler=engine, chat=ChatFormat(tokenizer, cfg.model.tool_call_format), store=store,
+    app = create_app(sampler=engine, chat=ChatFormat(tokenizer, cfg.model.chat_format), store=store,
                      model_name=job_id, default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                      max_body_bytes=cfg.runtime.max_body_bytes,
                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback)

@@ -34,6 +34,7 @@ class MessageIn(_Open):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None
 
 
 class FunctionDefIn(_Open):
@@ -73,7 +74,8 @@ class ChatCompletionRequest(_Open):
     def to_messages(self) -> tuple[Message, ...]:
         raw = []
         for m in self.messages:
-            d = m.model_dump(exclude_none=True, include={"role", "content", "tool_calls", "tool_call_id", "name"})
+            d = m.model_dump(exclude_none=True, include={"role", "content", "tool_calls", "tool_call_id", "name",
+                                                              "reasoning_content"})
             if d["role"] == "developer":  # OpenAI's newer name for system
                 d["role"] = "system"
             raw.append(d)
@@ -160,6 +162,7 @@ class ToolCallOut(BaseModel):
 class MessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 

@@ -56,8 +56,8 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
     except ValueError as e:  # e.g. the prompt does not fit the model's context
         raise ApiError(400, f"sampler refused the request: {e}") from None
 
-    tool_names = [t["function"]["name"] for t in tools or ()]
-    message, tool_parse_error = rt.chat.parse_assistant(completion.token_ids, tool_names)
+    tool_specs = {t["function"]["name"]: t["function"].get("parameters") for t in tools or ()}
+    message, tool_parse_error = rt.chat.parse_assistant(completion.token_ids, tool_specs)
     prefill = completion.prompt_tokens or len(plan.prompt_ids)
     turn = Turn(index=0, prompt_ids=plan.prompt_ids, completion_ids=tuple(completion.token_ids),
                 logprobs=tuple(completion.logprobs), version=completion.version,

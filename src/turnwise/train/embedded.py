@@ -31,7 +31,7 @@ class EmbeddedRuntime:
         model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(model_cfg)
-        self.chat = ChatFormat(self.tokenizer, cfg.model.tool_call_format)
+        self.chat = ChatFormat(self.tokenizer, cfg.model.chat_format)
         self.engine = SamplerEngine(self.model, self.tokenizer, max_batch_size=cfg.sampler.max_batch_size)
         self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
         self.model_name = job_id
