@@ -20,6 +20,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from turnwise.policy.renderers import Renderer
+from turnwise.types import Message, ToolCall
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TEMPLATES = FIXTURES / "templates"
 
@@ -92,6 +95,11 @@ def qwen_dir() -> Path:
 
 
 @functools.cache
+def _qwen_json() -> str:
+    return (_qwen_dir() / "tokenizer.json").read_text()
+
+
+@functools.cache
 def family_tokenizer(template: str) -> PreTrainedTokenizerBase:
     """The test tokenizer for one template file (see `SPECS`)."""
     spec = SPECS[template]
@@ -100,10 +108,89 @@ def family_tokenizer(template: str) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(_qwen_dir())
         tok.chat_template = text
         return tok
-    raw = json.loads((_qwen_dir() / "tokenizer.json").read_text())
-    backend = Tokenizer.from_str(json.dumps(raw))
+    backend = Tokenizer.from_str(_qwen_json())
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=spec.bos, eos_token=spec.eos,
                                   pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
     tok.chat_template = text
     return tok
+
+
+# -- one conversation for every family ----------------------------------------------------------
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "lookup_order", "description": "Look up an order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}},
+    {"type": "function", "function": {
+        "name": "issue_refund", "description": "Refund an order.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"},
+                                                        "full": {"type": "boolean"}},
+                       "required": ["order_id", "amount"]}}},
+]
+ONE_CALL_PER_MESSAGE = {"gpt_oss", "llama3"}
+NEW_SEGMENT_AFTER = {"gpt_oss": ("<|return|>",)}  # history renders a final answer's <|return|> as <|end|>
+THINKING_ON = {"deepseek_v3": {"thinking": True}, "gemma4": {"enable_thinking": True}}
+
+
+def _call(i: int, name: str, **args: object) -> ToolCall:
+    return ToolCall(id=f"call{i:05d}", name=name, arguments=json.dumps(args, separators=(",", ":")))
+
+
+def conversation(family: str, think: bool) -> list[Message]:
+    """System, tools, reasoning (when the template renders it), parallel calls, tool results, a second query."""
+
+    def asst(reasoning: str, content: str = "", calls: tuple[ToolCall, ...] = ()) -> Message:
+        return Message("assistant", content, tool_calls=calls, reasoning_content=reasoning if think else "")
+
+    refund, look = _call(2, "issue_refund", order_id="12345", amount=40.5, full=True), _call(3, "lookup_order",
+                                                                                           order_id="999")
+    parallel = [asst("Both at once.", calls=(refund, look))] if family not in ONE_CALL_PER_MESSAGE else [
+        asst("Refund first.", calls=(refund,)), Message("tool", "refunded", tool_call_id=refund.id),
+        asst("Now the other.", calls=(look,))]
+    results = [Message("tool", "refunded", tool_call_id=refund.id)] if family not in ONE_CALL_PER_MESSAGE else []
+    return [
+        Message("system", "You are a support desk agent."),
+        Message("user", "Where is order 12345? Refund it if damaged, and check 999."),
+        asst("Look it up first.", calls=(_call(1, "lookup_order", order_id="12345"),)),
+        Message("tool", '{"status": "damaged", "amount": 40.5}', tool_call_id="call00001"),
+        *parallel, *results,
+        Message("tool", '{"status": "shipped"}', tool_call_id=look.id),
+        asst("All done.", "Order 12345 was refunded; 999 has shipped."),
+        Message("user", "Thanks! And order 777?"),
+        asst("Check it.", calls=(_call(4, "lookup_order", order_id="777"),)),
+        Message("tool", '{"status": "delivered"}', tool_call_id="call00004"),
+        asst("Delivered.", "Order 777 was delivered."),
+    ]
+
+
+_NEXT_MARKER = {"glm4": {"tool": "<|observation|>", "user": "<|user|>"}}
+
+
+def completion_text(r: Renderer, msgs: list[Message], i: int) -> str:
+    """What the model writes for assistant message i: the template's rendering of it, to its stop token."""
+    prompt = r.render_text(msgs[:i], TOOLS, add_generation_prompt=True)
+    text = r.render_text(msgs[:i + 1], TOOLS, add_generation_prompt=False)
+    if r.family.name == "gpt_oss" and not text.startswith(prompt):
+        # harmony drops earlier analysis once a final answer follows: find the last message by its header
+        tail = text[text.rfind("<|start|>assistant<|channel|>analysis") + len("<|start|>assistant"):]
+    else:
+        assert text.startswith(prompt), "the template renders the last assistant message after its generation prompt"
+        tail = text[len(prompt):]
+    ends = [(tail.find(s), s) for s in r.family.stop_strings if s in tail]
+    if ends:
+        at, stop = min(ends)
+        return tail[:at + len(stop)]
+    nxt = msgs[i + 1].role if i + 1 < len(msgs) else "user"
+    return tail.rstrip("\n") + _NEXT_MARKER[r.family.name][nxt]
+
+
+
+
+def renderer_for(template: str) -> tuple[Renderer, list[Message]]:
+    """The renderer of one template file (thinking on where the template has a switch) and its conversation."""
+    spec = SPECS[template]
+    r = Renderer(family_tokenizer(template), template_kwargs=THINKING_ON.get(spec.family))
+    assert r.format == spec.family, f"{template} detected as {r.format}"
+    text = r.tokenizer.chat_template
+    return r, conversation(spec.family, "reasoning_content" in text or ".thinking" in text)
