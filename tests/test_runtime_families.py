@@ -88,6 +88,8 @@ def test_five_turns_stay_one_segment(tmp_path, template: str, keep_reasoning: bo
     t = store.get("t")
     reused = [turn.reused_prompt_tokens for turn in t.turns]
     print(f"\n{template}: prompt tokens per turn {[len(x.prompt_ids) for x in t.turns]}, reused {reused}")
+    plans = [turn.prompt_plan for turn in t.turns]
+    assert plans[0] == "first" and plans.count("extends") == len(plans) - SEGMENTS.get(r.format, 1)
     segments = build_segments(t)
     assert len(segments) == SEGMENTS.get(r.format, 1)
     assert all(n > 0 for n in reused[1:]) or r.format in SEGMENTS

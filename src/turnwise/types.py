@@ -182,6 +182,8 @@ class Turn:
     """Leading prompt tokens taken from the stored conversation instead of re-tokenized."""
     request_messages: tuple[Message, ...] = ()
     """The messages the agent sent for this turn."""
+    prompt_plan: str = ""
+    """Why the prompt was built as it was (a `runtime.capture.PlanReason` value: first, extends, rewritten, ...)."""
 
 
 @dataclass(frozen=True)

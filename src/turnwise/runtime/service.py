@@ -62,7 +62,8 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
     turn = Turn(index=0, prompt_ids=plan.prompt_ids, completion_ids=tuple(completion.token_ids),
                 logprobs=tuple(completion.logprobs), version=completion.version,
                 finish_reason=completion.finish_reason, message=message, tool_parse_error=tool_parse_error,
-                reused_prompt_tokens=plan.reused_prompt_tokens, request_messages=messages)
+                reused_prompt_tokens=plan.reused_prompt_tokens, request_messages=messages,
+                prompt_plan=plan.reason.value)
     try:
         turn = store.append_turn(trajectory_id, turn, prefill_tokens=prefill)
     except TransitionError as e:  # completed while this turn was being sampled

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS turns (
     request_messages TEXT NOT NULL,
     prefill_tokens INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    prompt_plan TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, trajectory_id, idx)
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -165,7 +166,7 @@ def _turn(row: sqlite3.Row) -> Turn:
         logprobs=_floats(row["logprobs"]), version=row["version"],
         finish_reason=FinishReason(row["finish_reason"]), message=_message(row["message"]),
         tool_parse_error=bool(row["tool_parse_error"]), reused_prompt_tokens=row["reused_prompt_tokens"],
-        request_messages=as_messages(json.loads(row["request_messages"])),
+        request_messages=as_messages(json.loads(row["request_messages"])), prompt_plan=row["prompt_plan"],
     )
 
 
@@ -184,6 +185,9 @@ class _Db:
         self.conn.execute("PRAGMA busy_timeout=30000")
         with self.lock:
             self.conn.executescript(_SCHEMA)
+            columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(turns)")}
+            if "prompt_plan" not in columns:  # a store written before turns recorded their prompt plan
+                self.conn.execute("ALTER TABLE turns ADD COLUMN prompt_plan TEXT NOT NULL DEFAULT ''")
 
 
 class TrajectoryStore:
@@ -272,12 +276,13 @@ class TrajectoryStore:
                                       f"for a new turn (needs in_progress)")
             turn = replace(turn, index=counted[0] - 1)
             conn.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.job_id, trajectory_id, turn.index, _ids_blob(turn.prompt_ids),
                  _ids_blob(turn.completion_ids), _floats_blob(turn.logprobs), turn.version,
                  FinishReason(turn.finish_reason).value, json.dumps(turn.message.to_openai()),
                  int(turn.tool_parse_error), turn.reused_prompt_tokens,
-                 json.dumps([m.to_openai() for m in turn.request_messages]), prefill_tokens, now))
+                 json.dumps([m.to_openai() for m in turn.request_messages]), prefill_tokens, now,
+                 turn.prompt_plan))
         return turn
 
     def complete(self, trajectory_id: str, status: TrajectoryStatus | str, *, error: str | None = None,
