@@ -59,7 +59,7 @@ SPECS: dict[str, FamilySpec] = {s.template: s for s in (
     FamilySpec("gemma4", "google-gemma-4-31B-it.jinja",
                ("<bos>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
                 "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>", "<channel|>", "<|think|>",
-                "<|image|>", "<|audio|>", "<|video|>"), bos="<bos>", eos="<eos>"),
+                "<|image|>", "<|image>", "<image|>", "<|audio|>", "<|video|>"), bos="<bos>", eos="<eos>"),
     FamilySpec("deepseek_v3", "deepseek-ai-DeepSeek-V3.2.jinja",
                ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"),
                bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>"),

@@ -82,3 +82,29 @@ def test_bridge_renders_the_new_messages_as_the_template_does(case: tuple[Render
             assert stream == _hf_ids(r, msgs[:i])
         stream += r.encode(completion_text(r, msgs, i))
         prev = i
+
+
+SAME_FORMAT = [{"hermes", "qwen3"}]
+NO_MARKER = {"llama3"}  # its calls are bare JSON objects: nothing tells them apart from JSON content
+
+
+def test_another_familys_tool_call_is_a_parse_error() -> None:
+    """A model writing another family's call format gets no calls and the turn is flagged."""
+    renderers = {t: renderer_for(t) for t in sorted(SPECS)}
+    calls = {}
+    for t, (r, msgs) in renderers.items():
+        first_call = next(i for i, m in enumerate(msgs) if m.role == "assistant" and m.tool_calls)
+        calls[t] = completion_text(r, msgs, first_call)
+    specs = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    checked = 0
+    for t, (r, _) in renderers.items():
+        for other, text in calls.items():
+            fam, other_fam = SPECS[t].family, SPECS[other].family
+            if fam == other_fam or other_fam in NO_MARKER or any({fam, other_fam} <= s for s in SAME_FORMAT):
+                continue
+            for stop in SPECS[other].specials + ("<|im_end|>",):  # the other family's end of turn, as text
+                text = text.removesuffix(stop)
+            message, error = r.parse_assistant(r.encode(text) + [next(iter(r.stop_token_ids))], specs)
+            assert error and not message.tool_calls, f"{other} output parsed by {t}: {message}"
+            checked += 1
+    assert checked > 100

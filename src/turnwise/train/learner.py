@@ -95,7 +95,8 @@ class Learner:
         model = self._reference or self.model
         ctx = self.model.disable_adapter() if self._reference is None else contextlib.nullcontext()
         with ctx:
-            return token_logprobs(model, t["tokens_B_T"], t["attention_B_T"], temperature)[0]
+            return token_logprobs(model, t["tokens_B_T"], t["attention_B_T"], temperature,
+                                  positions_B_T=t["mask_B_T"])[0]
 
     def train_batch(self, datums_D: Sequence[Datum], loss_fn: str, options: LossOptions,
                     temperature: float, num_substeps: int = 1) -> dict[str, float]:
@@ -109,7 +110,7 @@ class Learner:
                     extra["ref_logprobs_B_T"] = self._reference_logprobs(t, temperature)
                 if options.tis_cap is not None:
                     extra["old_logprobs_B_T"] = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"],
-                                                               temperature)[0]
+                                                               temperature, positions_B_T=t["mask_B_T"])[0]
         metrics: dict[str, float] = {}
         for _ in range(num_substeps):
             metrics = self._step(micro, extras, loss_fn, options, temperature)
@@ -135,7 +136,7 @@ class Learner:
         maxes: dict[str, float] = {}
         for t, extra in zip(micro, extras, strict=True):
             logprobs, entropy = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"],
-                                               temperature, with_entropy=True)
+                                               temperature, with_entropy=True, positions_B_T=t["mask_B_T"])
             loss, metrics = compute_loss(loss_fn, logprobs, t["sampler_logprobs_B_T"], t["advantages_B_T"],
                                          t["mask_B_T"], options, entropy_B_T=entropy, **extra)
             weight = (float(t["mask_B_T"].sum()) if per_token else len(t["tokens_B_T"])) / total

@@ -212,30 +212,33 @@ class Renderer:
         except (ValueError, TypeError, OverflowError, IndexError):
             return Message(role="assistant", content=""), True
         tools = tool_specs(tool_names)
-        reasoning, rest = "", text
+        reasoning, rest, closed = "", text, True
         if self.family.split_reasoning is not None:
             split = self.family.split_reasoning(text)
             if split is None:
                 return Message(role="assistant", content=text.strip()), True
             reasoning, rest = split
         elif self.family.think is not None:
-            reasoning, rest = self._split_think(text)
+            reasoning, rest, closed = self._split_think(text)
         parsed = self.family.parse_calls(rest, tools)
         if parsed is None:
             return Message(role="assistant", content=rest.strip(), reasoning_content=reasoning), True
         content, calls = parsed
-        foreign = not calls and any(m in content for m in _MARKERS)
+        # a call in another family's format; in reasoning too when the turn ended inside it
+        attempted = content if closed else content + reasoning
+        foreign = not calls and any(m in attempted for m in _MARKERS)
         return Message(role="assistant", content=content, tool_calls=calls, reasoning_content=reasoning), foreign
 
-    def _split_think(self, text: str) -> tuple[str, str]:
+    def _split_think(self, text: str) -> tuple[str, str, bool]:
+        """(reasoning, the rest, whether the reasoning was closed)."""
         opener, closer = self.family.think  # type: ignore[misc]
         body = text
         if not self._reasoning_open:
             stripped = text.lstrip()
             if not stripped.startswith(opener):
-                return "", text
+                return "", text, True
             body = stripped[len(opener):]
         reasoning, sep, rest = body.partition(closer)
         if not sep:  # the turn ended inside its reasoning
-            return reasoning.strip("\n"), ""
-        return reasoning.strip("\n"), rest.lstrip("\n")
+            return reasoning.strip("\n"), "", False
+        return reasoning.strip("\n"), rest.lstrip("\n"), True
