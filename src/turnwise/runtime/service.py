@@ -33,6 +33,9 @@ def _not_in_progress(trajectory_id: str, status: TrajectoryStatus) -> ApiError:
 async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str,
                       body: ChatCompletionRequest) -> SampledTurn:
     """Sample the next assistant turn of a trajectory (creating it on its first call) and record it."""
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        raise ApiError(400, f"unsupported request field: {unsupported}")
     messages = body.to_messages()
     tools = body.tool_dicts()
     previous = store.get(trajectory_id, last_turn_only=True)
