@@ -8,7 +8,8 @@ second half sampled. Memory that scales with vocabulary x tokens is the output l
 B x T x V fp32 is 10 GB at micro-batch 32 x 512 tokens.
 
     python bench/memory.py                      # the demo shape
-    python bench/memory.py --micro-batch 8      # smaller, for comparing with code that materialises logits
+    python bench/memory.py --sequences 32       # one micro-batch: the same peak (gradients accumulate), 4x faster
+    python bench/memory.py --sequences 4 --micro-batch 4   # small enough for code that materialises logits
 
 Prints `peak_rss_gb: X` (ru_maxrss of this process, so it includes the model and torch).
 """

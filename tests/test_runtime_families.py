@@ -99,3 +99,28 @@ def test_five_turns_stay_one_segment(tmp_path, template: str, keep_reasoning: bo
         mask = segments[0].loss_mask_T
         assert [tok for tok, m in zip(segments[0].tokens_T, mask, strict=True) if m] == \
             [tok for c in completions for tok in c]
+
+
+def test_reasoning_is_streamed_apart_from_content(tmp_path) -> None:
+    r, msgs = renderer_for("Qwen-Qwen3-0.6B.jinja")
+    final = next(i for i, m in enumerate(msgs) if m.role == "assistant" and not m.tool_calls)
+    sampler = ScriptedSampler([r.encode(completion_text(r, msgs, final))])
+    store = TrajectoryStore(tmp_path / "t.db", "job")
+    app = create_app(sampler=sampler, chat=r, store=store, model_name="m", default_params=SamplingParams())
+
+    async def stream() -> tuple[str, str]:
+        client = RolloutContext("s", server.base_url, "m", {}).async_openai()
+        reasoning, content = "", ""
+        async for chunk in await client.chat.completions.create(
+                model="m", messages=[m.to_openai() for m in msgs[:final]], tools=TOOLS, stream=True):
+            if chunk.choices:
+                delta = chunk.choices[0].delta
+                reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+                content += delta.content or ""
+        await client.close()
+        return reasoning, content
+
+    with RuntimeServer(app) as server:
+        reasoning, content = asyncio.run(stream())
+    assert (reasoning, content) == (msgs[final].reasoning_content, msgs[final].content)
+    assert "<think>" not in content
