@@ -53,10 +53,18 @@ def resolve_family(tokenizer: PreTrainedTokenizerBase, chat_format: str = "auto"
     return family_named(detect_family(template_text(tokenizer)) if chat_format == "auto" else chat_format)
 
 
+_PLAIN_STOPS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
+
+
 def stop_token_ids_for(tokenizer: PreTrainedTokenizerBase, chat_format: str = "auto") -> frozenset[int]:
-    """Ids that end a turn: the family's end-of-turn tokens in the vocabulary, and the eos token."""
+    """Ids that end a turn: the family's end-of-turn tokens in the vocabulary, and the eos token
+    (for a tokenizer without a chat template: the common end-of-turn tokens it has)."""
     vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in resolve_family(tokenizer, chat_format).stop_strings if t in vocab}
+    if chat_format == "auto" and not tokenizer.chat_template:
+        stops: tuple[str, ...] = _PLAIN_STOPS
+    else:
+        stops = resolve_family(tokenizer, chat_format).stop_strings
+    ids = {vocab[t] for t in stops if t in vocab}
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return frozenset(ids)
