@@ -49,8 +49,10 @@ def job_policy(cfg: JobConfig) -> Iterator[tuple[Sampler, Chat]]:
     from turnwise.policy.sampler import SamplerEngine
 
     model, tokenizer = load_policy(cfg.model)
-    with SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size) as engine:
-        yield engine, ChatFormat(tokenizer, cfg.model.chat_format)
+    chat = ChatFormat(tokenizer, cfg.model.chat_format)
+    with SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
+                       stop_token_ids=chat.stop_token_ids) as engine:
+        yield engine, chat
 
 
 def verify_job(cfg: JobConfig, policy: Callable[[JobConfig], Any] | None = None) -> VerifyReport:

@@ -50,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
     job_id = args.job or cfg.name
     db = Path(args.db) if args.db else Path(cfg.output_dir) / "serve" / "trajectories.db"
     model, tokenizer = load_policy(cfg.model)
-    engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size)
+    chat = ChatFormat(tokenizer, cfg.model.chat_format)
+    engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
+                           stop_token_ids=chat.stop_token_ids)
     store = TrajectoryStore(db, job_id=job_id)
-    app = create_app(sampler=engine, chat=ChatFormat(tokenizer, cfg.model.chat_format), store=store,
+    app = create_app(sampler=engine, chat=chat, store=store,
                      model_name=job_id, default_params=cfg.sampling_params(), api_keys=cfg.runtime.api_keys,
                      max_body_bytes=cfg.runtime.max_body_bytes,
                      opaque_tokens_on_loopback=cfg.runtime.opaque_tokens_on_loopback)

@@ -32,7 +32,8 @@ class EmbeddedRuntime:
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(model_cfg)
         self.chat = ChatFormat(self.tokenizer, cfg.model.chat_format)
-        self.engine = SamplerEngine(self.model, self.tokenizer, max_batch_size=cfg.sampler.max_batch_size)
+        self.engine = SamplerEngine(self.model, self.tokenizer, max_batch_size=cfg.sampler.max_batch_size,
+                                    stop_token_ids=self.chat.stop_token_ids)
         self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
         self.model_name = job_id
         app = create_app(sampler=self.engine, chat=self.chat, store=self.store, model_name=self.model_name,
