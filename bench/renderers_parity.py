@@ -45,21 +45,25 @@ def compare(template: str, name: str) -> tuple[list[str], list[str]]:
     hf = lambda ms: list(ours.tokenizer.apply_chat_template(  # noqa: E731
         [ours.template_message(m) for m in ms], tools=TOOLS, tokenize=True, add_generation_prompt=True,
         return_dict=False, **ours.render_kwargs))
+    theirs_error = ""
     try:
         theirs = create_renderer(ours.tokenizer, config_from_name(name),
                                  chat_template_kwargs=kwargs or None)
     except Exception as e:  # noqa: BLE001 - report what the library says
-        return [f"renderer: {type(e).__name__}: {str(e)[:80]}"], []
+        theirs, theirs_error = None, f"cannot build: {type(e).__name__}: {str(e)[:90]}"
     turns = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     ours_res, theirs_res = [], []
     for n, i in enumerate(turns):
         want = hf(msgs[:i])
         ours_res.append("=" if ours.prompt_ids(msgs[:i], TOOLS) == want else "x")
-        try:
-            got = theirs.render_ids([_openai(ours, m) for m in msgs[:i]], tools=TOOLS, add_generation_prompt=True)
-            theirs_res.append("=" if list(got) == want else "x")
-        except Exception as e:  # noqa: BLE001
-            theirs_res.append(f"!{type(e).__name__}")
+        if theirs is None:
+            theirs_res = [theirs_error]
+        else:
+            try:
+                got = theirs.render_ids([_openai(ours, m) for m in msgs[:i]], tools=TOOLS, add_generation_prompt=True)
+                theirs_res.append("=" if list(got) == want else "x")
+            except Exception as e:  # noqa: BLE001
+                theirs_res.append(f"!{type(e).__name__}")
         if n == 0:
             continue
         prev = turns[n - 1]
@@ -69,6 +73,8 @@ def compare(template: str, name: str) -> tuple[list[str], list[str]]:
         full_text = ours.render_text(msgs[:i], TOOLS, add_generation_prompt=True)
         d = ours.delta_ids(msgs[:prev + 1], new, TOOLS, completion[-1])
         ours_res[-1] += "b" if d is not None and full_text.endswith(ours.decode(d)) else "-"
+        if theirs is None:
+            continue
         try:
             b = theirs.bridge_to_next_turn(prompt, completion, [_openai(ours, m) for m in new], tools=TOOLS)
             ids = None if b is None else list(getattr(b, "token_ids", b))
