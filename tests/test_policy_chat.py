@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from turnwise.policy.chat import ChatFormat, detect_tool_call_format
+from turnwise.policy.chat import ChatFormat, detect_family
 from turnwise.policy.tokenizer import HERMES_TEMPLATE, build_tiny_tokenizer
 from turnwise.types import Message, ToolCall
 
@@ -151,7 +151,7 @@ def _shared_chat() -> ChatFormat:
 
 
 def test_format_detection() -> None:
-    assert detect_tool_call_format(HERMES_TEMPLATE) == "hermes"
-    assert detect_tool_call_format("{{ '<|python_tag|>' }}{{ '<|start_header_id|>ipython' }}") == "llama3_json"
-    with pytest.raises(ValueError, match="tool_call_format"):
-        ChatFormat(build_tiny_tokenizer(512), tool_call_format="xml")
+    assert detect_family(HERMES_TEMPLATE) == "hermes"
+    assert detect_family("{{ '<|python_tag|>' }}{{ '<|start_header_id|>ipython' }}") == "llama3"
+    with pytest.raises(ValueError, match="chat_format must be auto or one of"):
+        ChatFormat(build_tiny_tokenizer(512), chat_format="xml")

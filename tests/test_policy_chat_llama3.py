@@ -64,7 +64,7 @@ def _completion(chat: ChatFormat, prev: list[Message]) -> list[int]:
 
 def test_detected_and_stops(chat: ChatFormat) -> None:
     vocab = chat.tokenizer.get_vocab()
-    assert chat.format == "llama3_json"
+    assert chat.format == "llama3"
     assert {vocab["<|eot_id|>"], vocab["<|eom_id|>"]} <= chat.stop_token_ids
 
 

@@ -81,7 +81,7 @@ def test_anything_else_renders_in_full(change, reason):
 
 def test_template_that_is_not_a_prefix_falls_back():
     class NoDelta(ByteChat):
-        def delta_ids(self, prev, new, tools):
+        def delta_ids(self, prev, new, tools, stop_id=None):
             return None
 
     t0 = turn_for(USER, "answer")

@@ -53,8 +53,10 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
     cache_dir: str = "~/.cache/turnwise/models"
     """Where the built-in tiny model is written, keyed by its config."""
-    tool_call_format: Literal["auto", "hermes", "llama3_json"] = "auto"
-    """How tool calls are written in text; auto detects it from the chat template."""
+    chat_format: Literal["auto", "hermes", "qwen3", "qwen3_xml", "llama3", "mistral", "gpt_oss", "gemma4",
+                         "deepseek_v3", "kimi_k2", "glm4"] = "auto"
+    """The model family (tool-call and reasoning format, end-of-turn tokens); auto detects it from
+    the chat template (`turnwise.policy.renderers.families`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

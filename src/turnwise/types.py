@@ -43,9 +43,13 @@ class Message:
     """For a tool message: the call it answers."""
     name: str | None = None
     """For a tool message: the tool's name (optional in OpenAI's protocol)."""
+    reasoning_content: str = ""
+    """For an assistant message: its reasoning (`<think>`, harmony analysis), apart from `content`."""
 
     def to_openai(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
             out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
         if self.tool_call_id is not None:
@@ -66,7 +70,9 @@ class Message:
         return out
 
     def same_as(self, other: Message) -> bool:
-        """Equal as a conversation turn: tool-call JSON compared by value, not by formatting."""
+        """Equal as a conversation turn: tool-call JSON compared by value, not by formatting.
+
+        Reasoning is not compared: agents often drop it, and the stored tokens keep it anyway."""
         if (self.role, self.content, self.tool_call_id) != (other.role, other.content, other.tool_call_id):
             return False
         if len(self.tool_calls) != len(other.tool_calls):
@@ -236,6 +242,8 @@ class Turn:
     """Leading prompt tokens taken from the stored conversation instead of re-tokenized."""
     request_messages: tuple[Message, ...] = ()
     """The messages the agent sent for this turn."""
+    prompt_plan: str = ""
+    """Why the prompt was built as it was (a `runtime.capture.PlanReason` value: first, extends, rewritten, ...)."""
 
 
 @dataclass(frozen=True)
@@ -454,6 +462,8 @@ def as_messages(raw: Sequence[Mapping[str, Any]]) -> tuple[Message, ...]:
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+        reasoning = m.get("reasoning_content") or m.get("reasoning") or ""
         out.append(Message(role=str(m["role"]), content=content or "", tool_calls=calls,
-                           tool_call_id=m.get("tool_call_id"), name=m.get("name")))
+                           tool_call_id=m.get("tool_call_id"), name=m.get("name"),
+                           reasoning_content=reasoning if isinstance(reasoning, str) else ""))
     return tuple(out)

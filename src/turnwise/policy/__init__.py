@@ -1,7 +1,8 @@
 """turnwise.policy: the model side of the loop.
 
 Loading (`load_policy`: a local Hugging Face directory or the built-in tiny model), chat
-rendering with token-exact deltas and tool-call parsing (`ChatFormat`), the batched sampler
+rendering per model family with token-exact bridging between turns and parsing of content,
+reasoning and tool calls (`ChatFormat`, i.e. `policy.renderers.Renderer`), the batched sampler
 (`SamplerEngine`), the trainer's logprobs (`token_logprobs`, same convention as the sampler),
 and in `policy.checkpoint` LoRA adapters and HF-format checkpoints (imported on demand
 because it pulls in `peft`).

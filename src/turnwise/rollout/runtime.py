@@ -46,8 +46,10 @@ def load_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, Any
 
     model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
     model, tokenizer = load_policy(model_cfg)
-    engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size)
-    return model, tokenizer, ChatFormat(tokenizer, cfg.model.tool_call_format), engine
+    chat = ChatFormat(tokenizer, cfg.model.chat_format)
+    engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
+                           stop_token_ids=chat.stop_token_ids)
+    return model, tokenizer, chat, engine
 
 
 class EmbeddedRuntime:

@@ -4,12 +4,14 @@ Pure functions, no I/O.
 
 `plan_prompt`: when the agent's messages are exactly the previous turn's request messages plus
 the assistant message we returned (compared with `Message.same_as`, so re-serialized tool-call
-JSON still matches), followed by new messages, the prompt is the previous turn's
-`prompt_ids + completion_ids` (the tokens the sampler actually processed and produced, never
-re-tokenized) plus the chat template's delta for the new messages. Otherwise (history rewritten,
-tools changed, the previous completion did not end with an end-of-turn token, or the template
-cannot express the new messages as a suffix) the full conversation is rendered again, and the
-turn will start a new segment.
+JSON and dropped reasoning still match), followed by new messages, the prompt is the previous
+turn's `prompt_ids + completion_ids` (the tokens the sampler actually processed and produced,
+never re-tokenized) plus the renderer's bridge: the template's rendering of the new messages
+only. This holds for templates that are not append-only (Qwen3 decorates the last assistant
+message and strips reasoning after a new query): see `policy.renderers.base`. Otherwise (history
+rewritten, tools changed, the previous completion did not end with an end-of-turn token, or the
+bridge cannot be shown exact) the full conversation is rendered again, and the turn starts a new
+segment; each turn's reason is counted.
 
 `build_segments`: consecutive turns whose prompt extends the previous segment's tokens join it;
 the prompt tokens they add (tool results, user turns, the next generation prompt) get loss mask
@@ -82,7 +84,7 @@ def plan_prompt(previous: Trajectory | None, messages: Sequence[Message],
     if not last.completion_ids or last.completion_ids[-1] not in chat.stop_token_ids:
         return full(PlanReason.UNTERMINATED)
     # the stored messages stand in for the agent's (equal, maybe differently serialized) echoes
-    delta = chat.delta_ids(history, messages[len(history):], tools)
+    delta = chat.delta_ids(history, messages[len(history):], tools, last.completion_ids[-1])
     if delta is None:
         return full(PlanReason.NO_DELTA)
     reused = last.prompt_ids + last.completion_ids

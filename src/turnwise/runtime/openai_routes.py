@@ -58,6 +58,8 @@ def _logprobs(rt: RuntimeDep, s: SampledTurn) -> dict[str, Any]:
 def _message(s: SampledTurn) -> dict[str, Any]:
     m = s.turn.message
     out: dict[str, Any] = {"role": "assistant", "content": m.content if m.content or not m.tool_calls else None}
+    if m.reasoning_content:
+        out["reasoning_content"] = m.reasoning_content
     if m.tool_calls:
         out["tool_calls"] = [c.to_openai() for c in m.tool_calls]
     return out
@@ -76,6 +78,8 @@ def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: d
 
     message = _message(s)
     yield chunk({"role": "assistant", "content": ""})
+    if message.get("reasoning_content"):
+        yield chunk({"reasoning_content": message["reasoning_content"]})
     if message["content"]:
         extra = {"logprobs": _logprobs(rt, s)} if body.logprobs else {}
         yield chunk({"content": message["content"]}, **extra)

@@ -29,14 +29,17 @@ class Chat(Protocol):
         """The full prompt for `messages`, with the generation prompt appended."""
         ...
 
-    def delta_ids(self, prev: Sequence[Message], new: Sequence[Message], tools: Tools) -> list[int] | None:
-        """Tokens to append after a stream ending with the end-of-turn token of prev's last
-        (assistant) message, so that it becomes the prompt for `prev + new` (`new`: only the
-        messages after prev); None when the template's rendering of prev is not a prefix."""
+    def delta_ids(self, prev: Sequence[Message], new: Sequence[Message], tools: Tools,
+                  stop_id: int | None = None) -> list[int] | None:
+        """Tokens to append after a stream ending with `stop_id`, the end-of-turn token the model
+        sampled for prev's last (assistant) message, so that it becomes the prompt for `prev + new`
+        (`new`: only the messages after prev); None when that cannot be done exactly."""
         ...
 
-    def parse_assistant(self, completion_ids: Sequence[int], tool_names: Collection[str]) -> tuple[Message, bool]:
-        """The assistant message in a completion, and whether a tool call failed to parse."""
+    def parse_assistant(self, completion_ids: Sequence[int],
+                        tool_names: Collection[str] | Mapping[str, Any]) -> tuple[Message, bool]:
+        """The assistant message in a completion, and whether a tool call failed to parse
+        (`tool_names`: offered tool names, or name -> parameters schema)."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +33,7 @@ class MessageIn(_Open):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None
 
 
 class FunctionDefIn(_Open):
@@ -68,10 +70,27 @@ class ChatCompletionRequest(_Open):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    def unsupported(self) -> str | None:
+        """The first requested behaviour the sampler cannot honour, named for a 400; None when all can be.
+
+        Never silently dropped: a client that forces a tool or asks for JSON must not get plain text."""
+        if self.tool_choice not in (None, "auto", "none"):
+            return (f"tool_choice {json.dumps(self.tool_choice)}: forced tool use (required or a named function) "
+                    f"is not supported; send auto or none")
+        response_format = (self.model_extra or {}).get("response_format")
+        if response_format is not None and not (isinstance(response_format, dict)
+                                                and response_format.get("type") == "text"):
+            kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+            return f"response_format {kind!r}: structured output is not supported; send type text or omit it"
+        if self.top_logprobs:
+            return "top_logprobs: only the sampled token's logprob is returned; send 0 or omit it"
+        return None
+
     def to_messages(self) -> tuple[Message, ...]:
         raw = []
         for m in self.messages:
-            d = m.model_dump(exclude_none=True, include={"role", "content", "tool_calls", "tool_call_id", "name"})
+            d = m.model_dump(exclude_none=True, include={"role", "content", "tool_calls", "tool_call_id", "name",
+                                                              "reasoning_content"})
             if d["role"] == "developer":  # OpenAI's newer name for system
                 d["role"] = "system"
             raw.append(d)
@@ -159,6 +178,7 @@ class ToolCallOut(BaseModel):
 class MessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 

@@ -95,6 +95,9 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
     `on_plan(plan, turn index)` runs before sampling; `on_token(id, logprob)` for every token as
     the sampler produces it (from the sampler's thread), when the sampler supports it. A sampler
     whose `generate` takes `context` gets a `SampleContext` (trajectory, task, turn)."""
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        raise ApiError(400, f"unsupported request field: {unsupported}")
     messages = body.to_messages()
     tools = body.tool_dicts()
     previous = store.get(trajectory_id, last_turn_only=True)
@@ -125,13 +128,14 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
     except ValueError as e:  # e.g. the prompt does not fit the model's context
         raise ApiError(400, f"sampler refused the request: {e}") from None
 
-    tool_names = [t["function"]["name"] for t in tools or ()]
-    message, tool_parse_error = rt.chat.parse_assistant(completion.token_ids, tool_names)
+    tool_specs = {t["function"]["name"]: t["function"].get("parameters") for t in tools or ()}
+    message, tool_parse_error = rt.chat.parse_assistant(completion.token_ids, tool_specs)
     prefill = completion.prompt_tokens or len(plan.prompt_ids)
     turn = Turn(index=0, prompt_ids=plan.prompt_ids, completion_ids=tuple(completion.token_ids),
                 logprobs=tuple(completion.logprobs), version=completion.version,
                 finish_reason=completion.finish_reason, message=message, tool_parse_error=tool_parse_error,
-                reused_prompt_tokens=plan.reused_prompt_tokens, request_messages=messages)
+                reused_prompt_tokens=plan.reused_prompt_tokens, request_messages=messages,
+                prompt_plan=plan.reason.value)
     try:
         turn = store.append_turn(trajectory_id, turn, prefill_tokens=prefill)
     except TransitionError as e:  # completed while this turn was being sampled

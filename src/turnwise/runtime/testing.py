@@ -75,7 +75,7 @@ class ByteChat:
         return self.encode(self.render_text(messages, tools, True))
 
     def delta_ids(self, prev: Sequence[Message], new: Sequence[Message],
-                  tools: Sequence[Mapping[str, Any]] | None) -> list[int] | None:
+                  tools: Sequence[Mapping[str, Any]] | None, stop_id: int | None = None) -> list[int] | None:
         before = self.render_text(prev, tools, False)
         after = self.render_text([*prev, *new], tools, True)
         end = before.rfind("<|im_end|>")

@@ -25,6 +25,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("rollout/tool_calls/mean", "mean", "tool calls per rollout"),
     ("rollout/tool_errors/frac", "mean", "tool calls whose result was an error"),
     ("rollout/tool_parse_errors", "sum", "completions that looked like a tool call but did not parse"),
+    ("rollout/prompt_plan/<reason>", "sum", "turns whose prompt was planned for this reason (extends, rewritten, ...)"),
     ("rollout/segments_per_trajectory", "mean", "training sequences per trajectory (1 unless history was rewritten)"),
     ("rollout/failed", "sum", "rollouts that failed (any kind)"),
     ("rollout/failed_frac", "mean", "failed rollouts / all rollouts"),

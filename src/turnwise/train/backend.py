@@ -104,7 +104,7 @@ class LocalBackend:
         for t, size in zip(micro, sizes, strict=True):
             extra = self._extras(t, loss_options)
             logprobs, entropy = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"],
-                                               self.temperature, with_entropy=True)
+                                               self.temperature, with_entropy=True, positions_B_T=t["mask_B_T"])
             if loss_options.tis_cap is not None:
                 extra["old_logprobs_B_T"] = t.get("old_logprobs_B_T", logprobs.detach())
             loss, metrics = compute_loss(loss_fn, logprobs, t["sampler_logprobs_B_T"], t["advantages_B_T"],
@@ -156,7 +156,8 @@ class LocalBackend:
         for i in range(0, len(datums_D), self.micro_batch_size):
             chunk = datums_D[i:i + self.micro_batch_size]
             t = pad_datums(chunk)
-            logprobs = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"], self.temperature)[0]
+            logprobs = token_logprobs(self.model, t["tokens_B_T"], t["attention_B_T"], self.temperature,
+                                      positions_B_T=t["mask_B_T"])[0]
             out += [tuple(logprobs[j, :len(d.segment.tokens_T)].tolist()) for j, d in enumerate(chunk)]
         return out
 
@@ -173,4 +174,4 @@ class LocalBackend:
         ctx = self.model.disable_adapter() if self._reference is None else contextlib.nullcontext()
         with ctx:
             return {"ref_logprobs_B_T": token_logprobs(model, t["tokens_B_T"], t["attention_B_T"],
-                                                       self.temperature)[0]}
+                                                       self.temperature, positions_B_T=t["mask_B_T"])[0]}

@@ -94,6 +94,8 @@ def rollout_metrics(groups: Sequence[Group], success_threshold: float) -> dict[s
         "time/rollout/mean": float(np.mean([r.seconds for r in rollouts])) if rollouts else 0.0,
         "time/rollout/max": float(max((r.seconds for r in rollouts), default=0.0)),
     }
+    for reason in sorted({t.prompt_plan for t in turns if t.prompt_plan}):  # re-rendered prompts start segments
+        out[f"rollout/prompt_plan/{reason}"] = float(sum(t.prompt_plan == reason for t in turns))
     reported = [agent_metrics(r) for r in rollouts]
     calls = sum(m["tool_calls"] for m in reported)
     out["rollout/tool_calls/mean"] = calls / max(1, len(reported))
