@@ -70,11 +70,28 @@ def _headers(s: SampledTurn) -> dict[str, str]:
             "X-Turnwise-Prompt-Plan": s.plan.reason.value}
 
 
+def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    """One SSE event of a streamed chat completion."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
+    return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+
+def _stream_end(s: SampledTurn, message: dict[str, Any], body: ChatCompletionRequest,
+                base: dict[str, Any]) -> Iterator[str]:
+    """The tool calls, the finish reason, the usage (when asked) and [DONE]."""
+    for i, call in enumerate(message.get("tool_calls", ())):
+        yield _chunk(base, {"tool_calls": [{"index": i, **call}]})
+    yield _chunk(base, {}, _finish_reason(s))
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
+                                     "usage": _usage(s)}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
 def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: dict[str, Any]) -> Iterator[str]:
     """The whole (already sampled) completion as OpenAI chunks (samplers without `on_token`)."""
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
-        return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+        return _chunk(base, delta, finish, **extra)
 
     message = _message(s)
     yield chunk({"role": "assistant", "content": ""})
@@ -83,13 +100,7 @@ def _stream(rt: RuntimeDep, s: SampledTurn, body: ChatCompletionRequest, base: d
     if message["content"]:
         extra = {"logprobs": _logprobs(rt, s)} if body.logprobs else {}
         yield chunk({"content": message["content"]}, **extra)
-    for i, call in enumerate(message.get("tool_calls", ())):
-        yield chunk({"tool_calls": [{"index": i, **call}]})
-    yield chunk({}, _finish_reason(s))
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
-                                     "usage": _usage(s)}) + "\n\n"
-    yield "data: [DONE]\n\n"
+    yield from _stream_end(s, message, body, base)
 
 
 def _streamable(text: str, body: ChatCompletionRequest) -> str:
@@ -105,8 +116,7 @@ def _streamable(text: str, body: ChatCompletionRequest) -> str:
 async def _live(rt: Runtime, task: asyncio.Task[SampledTurn], tokens: asyncio.Queue[int],
                 body: ChatCompletionRequest, base: dict[str, Any]) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, **extra}
-        return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+        return _chunk(base, delta, finish, **extra)
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -134,13 +144,8 @@ async def _live(rt: Runtime, task: asyncio.Task[SampledTurn], tokens: asyncio.Qu
             final.lstrip()[len(sent):] if final.lstrip().startswith(sent) else "")
         if rest or body.logprobs:
             yield chunk({"content": rest}, **({"logprobs": _logprobs(rt, s)} if body.logprobs else {}))
-        for i, call in enumerate(message.get("tool_calls", ())):
-            yield chunk({"tool_calls": [{"index": i, **call}]})
-        yield chunk({}, _finish_reason(s))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": [],
-                                         "usage": _usage(s)}) + "\n\n"
-        yield "data: [DONE]\n\n"
+        for event in _stream_end(s, message, body, base):
+            yield event
     finally:
         if not task.done():  # the client went away: the turn is still sampled and recorded
             await asyncio.shield(task)
