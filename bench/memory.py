@@ -2,7 +2,7 @@
 
 The model is a Qwen2 causal LM of the demo's shape but with Qwen's real vocabulary (151,936
 rows, hidden 64, 2 layers: 9.8M parameters, nearly all in the tied embedding), random weights.
-One step is what the trainer does per RL step: `Learner.train_batch` (PPO) on the demo's batch,
+One step is what the trainer does per RL step: `LocalBackend.forward_backward` + `optim_step` (PPO) on the demo's batch,
 16 tasks x 8 rollouts = 128 sequences in micro-batches of 32, each `--seq-len` tokens with the
 second half sampled. Memory that scales with vocabulary x tokens is the output layer's logits:
 B x T x V fp32 is 10 GB at micro-batch 32 x 512 tokens.
@@ -22,10 +22,10 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
-from turnwise.train.learner import Learner
 
 from turnwise.config import JobConfig
-from turnwise.types import Datum, LossOptions, Segment
+from turnwise.train.backend import LocalBackend
+from turnwise.types import AdamParams, Datum, Segment
 
 QWEN_VOCAB = 151_936
 
@@ -64,10 +64,11 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     batch = datums(args.sequences, args.seq_len, torch.Generator().manual_seed(0))
     cfg = JobConfig(micro_batch_size=args.micro_batch, loss_fn="ppo")
-    learner = Learner(model, cfg)
+    backend = LocalBackend(model, None, tokenizer=None, micro_batch_size=cfg.micro_batch_size)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    metrics = learner.train_batch(batch, "ppo", LossOptions(), temperature=1.0)
+    metrics = backend.forward_backward(batch, "ppo", cfg.loss_options())
+    metrics |= backend.optim_step(AdamParams(learning_rate=cfg.learning_rate))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"model: {params / 1e6:.1f}M parameters, vocabulary {QWEN_VOCAB}; step: {args.sequences} sequences x "

@@ -19,12 +19,13 @@ import pytest
 
 from family_fixtures import SPECS, TOOLS, completion_text, renderer_for
 from turnwise.adapter.context import RolloutContext
+from turnwise.config import default_sampling_params
 from turnwise.runtime.app import create_app
 from turnwise.runtime.capture import build_segments
 from turnwise.runtime.server import RuntimeServer
 from turnwise.runtime.store import TrajectoryStore
 from turnwise.runtime.testing import ScriptedSampler
-from turnwise.types import Message, SamplingParams
+from turnwise.types import Message
 
 SEGMENTS = {"gpt_oss": 2}  # harmony: a final answer's <|return|> is <|end|> in later prompts, so a new segment
 
@@ -76,7 +77,7 @@ def test_five_turns_stay_one_segment(tmp_path, template: str, keep_reasoning: bo
     completions = [r.encode(t) for t in texts]
     sampler = ScriptedSampler(completions)
     store = TrajectoryStore(tmp_path / "t.db", "job")
-    app = create_app(sampler=sampler, chat=r, store=store, model_name="m", default_params=SamplingParams())
+    app = create_app(sampler=sampler, chat=r, store=store, model_name="m", default_params=default_sampling_params())
     with RuntimeServer(app) as server:
         replies = asyncio.run(_agent(RolloutContext("t", server.base_url, "m", {}), msgs, keep_reasoning))
     assert len(replies) == len(turns) >= 5
@@ -106,7 +107,7 @@ def test_reasoning_is_streamed_apart_from_content(tmp_path) -> None:
     final = next(i for i, m in enumerate(msgs) if m.role == "assistant" and not m.tool_calls)
     sampler = ScriptedSampler([r.encode(completion_text(r, msgs, final))])
     store = TrajectoryStore(tmp_path / "t.db", "job")
-    app = create_app(sampler=sampler, chat=r, store=store, model_name="m", default_params=SamplingParams())
+    app = create_app(sampler=sampler, chat=r, store=store, model_name="m", default_params=default_sampling_params())
 
     async def stream() -> tuple[str, str]:
         client = RolloutContext("s", server.base_url, "m", {}).async_openai()
