@@ -2,30 +2,38 @@
 
 Same tiny model (the built-in one, from its HF directory), same prompts (support-desk questions,
 one user turn), same batch (`--batch` prompts x `--group` completions), same completion limit,
-same reward (reply length / 80), same optimizer (AdamW, lr 1e-5, fp32). We time
-`--steps` steps after one warm-up step (TRL: from `on_step_begin` to `on_step_end`, generation
-included; turnwise: `time/step`, sampling through the runtime server included) and count
-sampled tokens per second. Last line: `step_speedup_vs_trl: <TRL seconds per step / turnwise>`.
+same reward (reply length / 80), same optimizer (AdamW, lr 1e-5, fp32), same torch thread count
+(`--threads`), no checkpoints and no tracking on either side.
+
+Each side runs in its own process and the two take turns, one step at a time, so machine noise
+hits both alike: a side finishes a step, reports it and waits; then the other runs one. A step is
+the wall time of a whole cycle of the training loop (turnwise: sampling through the runtime
+server with the real `openai` client, training, weight sync, logging; TRL: from one
+step's log to the next, generation included). Each side warms up until its step time settles
+(at least `--warmup` steps, then until two consecutive steps differ by less than 15%, at most 8),
+then runs `--steps` measured steps. Prints every step time, the medians, sampled tokens per
+second, and last `step_speedup_vs_trl: <TRL median / turnwise median>`.
 
 Needs the bench extra: `pip install -e '.[bench]'` (TRL pinned, installed without upgrading torch).
 
-    .venv/bin/python bench/vs_trl.py [--batch 4] [--group 8] [--max-tokens 32] [--steps 2]
+    .venv/bin/python bench/vs_trl.py [--batch 4] [--group 8] [--max-tokens 32] [--steps 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-from turnwise.config import load_config
-from turnwise.policy.load import resolve_model_dir
-from turnwise.track import JsonlLogger
-from turnwise.train.loop import train
+from typing import Any
 
 DEMO = Path(__file__).parent.parent / "examples" / "support_desk" / "config.yaml"
+MAX_WARMUP = 8
 
 
 def reward_of(text: str) -> float:
@@ -40,68 +48,114 @@ async def agent(task, client, ctx):
 
 def questions(n: int) -> list[dict]:
     rows = [json.loads(line) for line in (DEMO.parent / "data" / "train.jsonl").read_text().splitlines()]
-    return rows[:n]
+    return [rows[i % len(rows)] for i in range(n)]
 
 
-def bench_turnwise(args: argparse.Namespace, work: Path) -> tuple[float, float]:
+class Gate:
+    """A side's end of the turn-taking protocol: report a step, wait for the parent's next word."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def step_done(self, tokens: float) -> None:
+        print(json.dumps({"seconds": time.perf_counter() - self.started, "tokens": tokens}), flush=True)
+        if sys.stdin.readline().strip() != "go":
+            os._exit(0)  # the parent has what it needs; skip both trainers' teardown
+        self.started = time.perf_counter()
+
+
+def run_turnwise(args: argparse.Namespace, work: Path, gate: Gate) -> None:
+    from turnwise.config import load_config
+    from turnwise.track import JsonlLogger
+    from turnwise.train.loop import train
+
+    class GatedLogger(JsonlLogger):
+        def log_metrics(self, metrics, step):
+            super().log_metrics(metrics, step)
+            if "time/step" in metrics:
+                gate.step_done(metrics.get("usage/sample_tokens", 0.0))
+
+    steps = MAX_WARMUP + args.steps + 1
     tasks = work / "tasks.jsonl"
-    tasks.write_text("\n".join(json.dumps(r) for r in questions(args.batch * (args.steps + 1))))
+    tasks.write_text("\n".join(json.dumps(r) for r in questions(args.batch * steps)))
     cfg = load_config(DEMO, [
         f"data.train_path={tasks}", "data.val_path=null", "data.test_path=null", "warm_start.demos_path=null",
-        f"global_batch_size={args.batch}", f"group_size={args.group}", f"max_steps={args.steps + 1}",
+        f"global_batch_size={args.batch}", f"group_size={args.group}", f"max_steps={steps}",
         f"sampling_max_tokens={args.max_tokens}", "learning_rate=1e-5", f"micro_batch_size={args.batch * args.group}",
-        "tracking.progress=false", "tracking.mlflow=false", "val_every=0",
+        "tracking.progress=false", "tracking.mlflow=false", "val_every=0", "save_every=0",
     ])
     run_dir = work / "turnwise"
     run_dir.mkdir()
-    logger = JsonlLogger(run_dir / "metrics.jsonl")
-    try:
-        train(cfg, agent, run_dir, logger)
-    finally:
-        logger.close()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r][1:]  # the first step warms up
-    seconds = sum(r["time/step"] for r in steps) / len(steps)
-    tokens = sum(r["usage/sample_tokens"] for r in steps) / len(steps)
-    return seconds, tokens / seconds
+    gate.started = time.perf_counter()
+    train(cfg, agent, run_dir, GatedLogger(run_dir / "metrics.jsonl"))
 
 
-def bench_trl(args: argparse.Namespace, work: Path) -> tuple[float, float]:
+def run_trl(args: argparse.Namespace, work: Path, gate: Gate) -> None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg = load_config(DEMO, [])
-    model_dir = str(resolve_model_dir(cfg.model))
+    from turnwise.config import load_config
+    from turnwise.policy.load import resolve_model_dir
+
+    steps = MAX_WARMUP + args.steps + 1
+    model_dir = str(resolve_model_dir(load_config(DEMO, []).model))
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": q["question"]}]}
-                              for q in questions(args.batch * (args.steps + 1))])
-    tokens_per_step: list[int] = []
+                              for q in questions(args.batch * steps)])
 
     def reward(completions, **_):
-        tokens_per_step.append(0)
         return [reward_of(c[0]["content"] if isinstance(c, list) else c) for c in completions]
 
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
+    class Gated(TrainerCallback):  # a step's log comes after its on_step_end: the cycle is log to log
+        def on_log(self, a, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                gate.step_done(logs["completions/mean_length"] * args.batch * args.group)
 
     config = GRPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.batch * args.group,
         num_generations=args.group, max_completion_length=args.max_tokens, learning_rate=1e-5,
-        max_steps=args.steps + 1, use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=1,
+        max_steps=steps, use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=1,
         save_strategy="no", temperature=1.0, beta=0.0, seed=0, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config, train_dataset=data,
-                          callbacks=[Timer()])
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config, train_dataset=data, callbacks=[Gated()])
+    gate.started = time.perf_counter()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h][1:]
-    seconds = sum(times[1:]) / len(times[1:])
-    mean_len = sum(h["completions/mean_length"] for h in logs) / max(1, len(logs))
-    return seconds, mean_len * args.batch * args.group / seconds
+
+
+class Side:
+    """A child process running one trainer, one step per `go`."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name = name
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        argv = [sys.executable, __file__, "--side", name, *sys.argv[1:]]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.seconds: list[float] = []
+        self.tokens: list[float] = []
+
+    def step(self) -> float:
+        """Let the side run one step (its first: start up and run one); its seconds."""
+        if self.seconds or self.tokens:
+            self.proc.stdin.write("go\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        while True:
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise SystemExit(f"vs_trl: the {self.name} side exited early (exit {self.proc.wait()})")
+            if line.startswith("{"):
+                row = json.loads(line)
+                self.seconds.append(row["seconds"])
+                self.tokens.append(row["tokens"])
+                return row["seconds"]
+
+    def settled(self, warmup: int) -> bool:
+        s = self.seconds
+        return len(s) >= warmup + 1 and (abs(s[-1] - s[-2]) < 0.15 * min(s[-1], s[-2]) or len(s) > MAX_WARMUP)
+
+    def stop(self) -> None:
+        self.proc.stdin.write("stop\n")  # type: ignore[union-attr]
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait()
 
 
 def main() -> None:
@@ -109,15 +163,41 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="measured steps per side, after warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="at least this many warm-up steps per side")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    p.add_argument("--side", choices=["turnwise", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tw = bench_turnwise(args, Path(tmp))
-        trl = bench_trl(args, Path(tmp))
-    print(f"{'':10} {'s/step':>8} {'sampled tokens/s':>17}")
-    print(f"{'turnwise':10} {tw[0]:>8.2f} {tw[1]:>17.0f}")
-    print(f"{'trl':10} {trl[0]:>8.2f} {trl[1]:>17.0f}")
-    print(f"step_speedup_vs_trl: {trl[0] / tw[0]:.2f}")
+    if args.side:  # a child: one trainer, gated step by step
+        import torch
+
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            (run_turnwise if args.side == "turnwise" else run_trl)(args, Path(tmp), Gate())
+        return
+    sides: list[Side] = []
+    warm: dict[str, int] = {}
+    for name in ("turnwise", "trl"):  # start and warm up one side at a time, until its step time settles
+        s = Side(name, args)
+        s.step()
+        while not s.settled(args.warmup):
+            s.step()
+        warm[s.name] = len(s.seconds)
+        sides.append(s)
+    for _ in range(args.steps):  # measured steps, alternating
+        for s in sides:
+            s.step()
+    for s in sides:
+        s.stop()
+    result: dict[str, Any] = {}
+    print(f"threads: {args.threads}; batch {args.batch} x group {args.group}, max_tokens {args.max_tokens}")
+    for s in sides:
+        measured, tokens = s.seconds[warm[s.name]:], s.tokens[warm[s.name]:]
+        result[s.name] = statistics.median(measured)
+        print(f"{s.name:9} warm-up s/step: {' '.join(f'{x:.2f}' for x in s.seconds[:warm[s.name]])}")
+        print(f"{s.name:9} measured s/step: {' '.join(f'{x:.2f}' for x in measured)}")
+        print(f"{s.name:9} median {result[s.name]:.2f} s/step, {sum(tokens) / sum(measured):.0f} sampled tokens/s")
+    print(f"step_speedup_vs_trl: {result['trl'] / result['turnwise']:.2f}")
 
 
 if __name__ == "__main__":
