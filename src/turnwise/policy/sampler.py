@@ -8,9 +8,11 @@ One engine owns one model copy and one background thread. Each iteration of the 
    are a prefix of the new prompt, and their first token is sampled. Prompts without a cached
    turn that begin alike (every rollout's system prompt and tool list) share one prefill of
    their longest common prefix, kept in a small shared cache for later requests;
-2. merges them into the running batch (`kvbatch.KVBatch` re-pads rows of different lengths);
-3. runs one decode step for every running row and samples the next token;
-4. retires finished rows: resolves their futures and stores their KV under their `cache_key`.
+2. copies the unfinished ones into free slots of the running batch (`kvbatch.KVBatch`: slots in
+   preallocated buffers, so joining copies only the newcomers' KV);
+3. runs one decode step for every slot and samples the next token of every running row;
+4. retires finished rows: resolves their futures, stores their KV under their `cache_key` and
+   frees their slots (the buffers are compacted only when half of them are free).
 
 Sampling (per row): temperature T > 0 samples from softmax(logits / T) restricted to the
 top-p nucleus, with the request's own `torch.Generator` (seeded when `seed` is given); the
@@ -43,7 +45,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from turnwise.policy.chat import stop_token_ids_for
-from turnwise.policy.kvbatch import KV, KVBatch, right_aligned
+from turnwise.policy.kvbatch import KV, KVBatch
 from turnwise.types import Completion, FinishReason, SamplingParams
 
 # Bound on batch * query * key elements of one prefill's attention mask (64 MiB in fp32).
@@ -109,7 +111,8 @@ class SamplerEngine:
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()  # reentrant: a future's callback runs in the engine thread
         self._pending: list[_Request] = []
-        self._rows: list[_Request] = []
+        self._rows: list[_Request | None] = []
+        """The request in each slot of `_batch` (None: a free slot)."""
         self._batch: KVBatch | None = None
         self._prefix: OrderedDict[str, _PrefixEntry] = OrderedDict()
         self._shared: OrderedDict[tuple[int, ...], _PrefixEntry] = OrderedDict()
@@ -135,7 +138,7 @@ class SamplerEngine:
             thread.join()
         with self._cond:
             leftovers, self._pending = self._pending, []
-        _fail([*leftovers, *self._rows], EngineClosedError("sampler engine closed"))
+        _fail([*leftovers, *_live(self._rows)], EngineClosedError("sampler engine closed"))
         self._rows, self._batch = [], None
 
     def __enter__(self) -> SamplerEngine:
@@ -205,21 +208,21 @@ class SamplerEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self._rows:
+                while not self._closed and not self._pending and self._batch is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                room = self.max_batch_size - len(self._rows)
+                room = self.max_batch_size - len(_live(self._rows))
                 newcomers, self._pending = self._pending[:room], self._pending[room:]
             newcomers = [r for r in newcomers if r.future.set_running_or_notify_cancel()]
             try:
                 with self._model_lock, torch.inference_mode():
                     if newcomers:
                         self._admit(newcomers)
-                    if self._rows:
+                    if self._batch is not None:
                         self._decode()
             except Exception as e:  # a failed forward fails its requests, never the engine
-                _fail([*newcomers, *self._rows], e)
+                _fail([*newcomers, *_live(self._rows)], e)
                 self._rows, self._batch = [], None
 
     def _admit(self, newcomers: list[_Request]) -> None:
@@ -267,7 +270,7 @@ class SamplerEngine:
                 prefixes[i] = kv
 
     def _prefill_shared(self, tokens: list[int]) -> list[KV]:
-        batch = KVBatch([], torch.zeros((1, 0), dtype=torch.bool, device=self._device))
+        batch = KVBatch([], torch.zeros((1, 0), dtype=torch.bool, device=self._device), headroom=0)
         cache = batch.cache()
         mask = batch.step_mask(torch.ones((1, len(tokens)), dtype=torch.bool, device=self._device), self._dtype)
         self._forward(torch.tensor([tokens]), torch.arange(len(tokens))[None], mask, cache)
@@ -284,40 +287,55 @@ class SamplerEngine:
             ids[row, width - len(suffix):] = torch.tensor(suffix)
             pos[row, width - len(suffix):] = torch.arange(n, n + len(suffix))
             valid_in[row, width - len(suffix):] = True
-        stacked = right_aligned(prefixes)
-        if stacked is None:
-            batch = KVBatch([], torch.zeros((len(reqs), 0), dtype=torch.bool, device=self._device))
-        else:
-            batch = KVBatch.from_kv(stacked[0], stacked[1], headroom=width)
+        valid_in = valid_in.to(self._device)
+        batch = KVBatch.from_prefixes(prefixes, headroom=width)
+        if batch is None:  # the model creates the cache's layers
+            batch = KVBatch([], torch.zeros((len(reqs), 0), dtype=torch.bool, device=self._device), headroom=width)
         cache = batch.cache()
-        mask = batch.step_mask(valid_in.to(self._device), self._dtype)
+        mask = batch.step_mask(valid_in, self._dtype)
         logits = self._forward(ids, pos, mask, cache)
-        if not batch.layers:
-            batch = KVBatch.from_kv([(layer.keys, layer.values) for layer in cache.layers], batch.valid_B_L)
+        if batch.layers:
+            batch.advance()
+        else:
+            batch = KVBatch([(layer.keys, layer.values) for layer in cache.layers], valid_in, headroom=0)
         for r, n, suffix in zip(reqs, n_past, suffixes, strict=True):
             r.n_cached, r.prompt_tokens, r.version = n + len(suffix), len(suffix), self.version
         self._sample(reqs, logits)
         keep = self._retire(reqs, batch)
-        if keep:
-            batch = batch.select(keep)
-            kept = [reqs[i] for i in keep]
-            self._batch = batch if self._batch is None else KVBatch.concat(self._batch, batch)
-            self._rows = [*self._rows, *kept]
+        if not keep:
+            return
+        if self._batch is None:
+            self._batch, self._rows = batch.compact(keep), [reqs[i] for i in keep]
+            return
+        slots = self._batch.insert(batch, keep)
+        self._rows += [None] * (self._batch.rows - len(self._rows))
+        for slot, row in zip(slots, keep, strict=True):
+            self._rows[slot] = reqs[row]
 
     def _decode(self) -> None:
         assert self._batch is not None
-        rows = self._rows
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], dtype=torch.long)
-        pos = torch.tensor([[r.n_cached] for r in rows], dtype=torch.long)
-        mask = self._batch.step_mask(torch.ones((len(rows), 1), dtype=torch.bool, device=self._device), self._dtype)
-        logits = self._forward(ids, pos, mask, self._batch.cache())
+        batch, slots = self._batch, self._rows
+        live = [i for i, r in enumerate(slots) if r is not None]
+        ids = torch.tensor([[r.tokens[-1] if r is not None else self.pad_id] for r in slots], dtype=torch.long)
+        pos = torch.tensor([[r.n_cached if r is not None else 0] for r in slots], dtype=torch.long)
+        mask = batch.step_mask(torch.ones((len(slots), 1), dtype=torch.bool, device=self._device), self._dtype)
+        logits = self._forward(ids, pos, mask, batch.cache())
+        batch.advance()
+        rows = [slots[i] for i in live]
         for r in rows:
-            r.n_cached += 1
-        self._sample(rows, logits)
-        keep = self._retire(rows, self._batch)
-        if len(keep) < len(rows):
-            self._rows = [rows[i] for i in keep]
-            self._batch = self._batch.select(keep) if keep else None
+            r.n_cached += 1  # type: ignore[union-attr]
+        self._sample(rows, logits[live] if len(live) < len(slots) else logits)  # type: ignore[arg-type]
+        keep = self._retire(rows, batch, live)  # type: ignore[arg-type]
+        for i in set(range(len(live))) - set(keep):
+            batch.release(live[i])
+            slots[live[i]] = None
+        if len(keep) == len(live):
+            return
+        if not keep:
+            self._rows, self._batch = [], None
+        elif batch.wants_compaction():
+            kept = [live[i] for i in keep]
+            self._batch, self._rows = batch.compact(kept), [slots[i] for i in kept]
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache: object) -> torch.Tensor:
         out = self.model(input_ids=ids.to(self._device), attention_mask=mask, position_ids=pos.to(self._device),
@@ -348,15 +366,17 @@ class SamplerEngine:
             return FinishReason.LENGTH
         return None
 
-    def _retire(self, reqs: list[_Request], batch: KVBatch) -> list[int]:
-        """Resolve finished rows (storing their KV by cache key); the indices of the others."""
+    def _retire(self, reqs: list[_Request], batch: KVBatch, slots: Sequence[int] | None = None) -> list[int]:
+        """Resolve finished rows (storing their KV, from `slots[i]` of `batch`, by cache key); the
+        indices of the others."""
         keep = []
         for row, r in enumerate(reqs):
             if r.finish is None:
                 keep.append(row)
                 continue
             if r.cache_key is not None and self.prefix_cache_size > 0:
-                self._store(r.cache_key, (*r.prompt_ids, *r.tokens[:-1]), batch.row_kv(row))
+                self._store(r.cache_key, (*r.prompt_ids, *r.tokens[:-1]),
+                            batch.row_kv(slots[row] if slots is not None else row))
             r.future.set_result(Completion(tuple(r.tokens), tuple(r.logprobs), r.finish, r.version, r.prompt_tokens))
         return keep
 
@@ -416,6 +436,10 @@ def sample_tokens(logits_B_V: torch.Tensor, params: Sequence[SamplingParams],
 
 def _plen(prefix: list[KV] | None) -> int:
     return int(prefix[0][0].shape[2]) if prefix else 0
+
+
+def _live(slots: Sequence[_Request | None]) -> list[_Request]:
+    return [r for r in slots if r is not None]
 
 
 def _fail(reqs: Sequence[_Request], error: BaseException) -> None:
