@@ -71,3 +71,17 @@ def test_gradients_accumulate_over_forward_backward_calls_as_one_batch(policy):
     summed = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     backend.optimizer.zero_grad(set_to_none=True)
     assert all(torch.allclose(summed[n], 2 * whole[n], atol=1e-6) for n in whole)
+
+
+@pytest.mark.parametrize("loss_fn", ["ppo", "cross_entropy"])
+def test_micro_batches_of_sorted_lengths_give_the_whole_batch_gradient(policy, loss_fn):
+    model, tokenizer, _ = policy
+    data = [datum(list(range(5, 5 + n)), advantage=a) for n, a in [(3, 1.0), (9, -0.5), (5, 0.7), (12, 0.2)]]
+    grads = []
+    for size in (4, 2, 1):
+        backend = LocalBackend(model, None, tokenizer=tokenizer, micro_batch_size=size)
+        backend.forward_backward(data, loss_fn, OPTS)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        backend.optimizer.zero_grad(set_to_none=True)
+    for other in grads[1:]:
+        assert all(torch.allclose(other[n], grads[0][n], atol=1e-6) for n in grads[0])

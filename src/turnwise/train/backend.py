@@ -1,6 +1,6 @@
 """`LocalBackend`: the in-process PyTorch implementation of `turnwise.backends.TrainingBackend`.
 
-`forward_backward` pads the datums into micro-batches of `micro_batch_size` sequences (the memory
+`forward_backward` pads the datums into micro-batches of `micro_batch_size` sequences of similar length (the memory
 knob) and accumulates gradients, each micro-batch weighted so that the gradient equals the loss
 over the whole call (token-mean: by tokens; sequence aggregations: by sequences). `optim_step`
 clips the global gradient norm and steps AdamW with the caller's `AdamParams` (so the caller owns
@@ -55,6 +55,14 @@ def pad_datums(datums_D: Sequence[Datum]) -> dict[str, torch.Tensor]:
     return out
 
 
+def micro_batches(datums_D: Sequence[Datum], size: int) -> list[list[Datum]]:
+    """Datums in micro-batches of `size`, longest first, so each pads to a similar length. The
+    loss is the same as for any other grouping: each micro-batch's loss is weighted by its share
+    of the batch's tokens (token-mean) or sequences."""
+    ordered = sorted(datums_D, key=lambda d: len(d.segment.tokens_T), reverse=True)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate at optimizer step n (W = warmup, N = all steps):
         (n + 1) / (W + 1)                                   while n < W
@@ -95,8 +103,7 @@ class LocalBackend:
     def forward_backward(self, datums_D: Sequence[Datum], loss_fn: str,
                          loss_options: LossOptions) -> dict[str, float]:
         self.model.train()
-        micro = [pad_datums(datums_D[i:i + self.micro_batch_size])
-                 for i in range(0, len(datums_D), self.micro_batch_size)]
+        micro = [pad_datums(chunk) for chunk in micro_batches(datums_D, self.micro_batch_size)]
         per_token = loss_options.loss_agg_mode == "token-mean" or loss_fn == "cross_entropy"
         sizes = [float(t["mask_B_T"].sum()) if per_token else float(len(t["tokens_B_T"])) for t in micro]
         total = max(sum(sizes), 1.0)
