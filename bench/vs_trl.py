@@ -34,6 +34,7 @@ from typing import Any
 
 DEMO = Path(__file__).parent.parent / "examples" / "support_desk" / "config.yaml"
 MAX_WARMUP = 8
+_MARK = "vs_trl step: "  # trainers print to stdout too
 
 
 def reward_of(text: str) -> float:
@@ -58,7 +59,7 @@ class Gate:
         self.started = time.perf_counter()
 
     def step_done(self, tokens: float) -> None:
-        print(json.dumps({"seconds": time.perf_counter() - self.started, "tokens": tokens}), flush=True)
+        print(_MARK + json.dumps({"seconds": time.perf_counter() - self.started, "tokens": tokens}), flush=True)
         if sys.stdin.readline().strip() != "go":
             os._exit(0)  # the parent has what it needs; skip both trainers' teardown
         self.started = time.perf_counter()
@@ -142,8 +143,8 @@ class Side:
             line = self.proc.stdout.readline()  # type: ignore[union-attr]
             if not line:
                 raise SystemExit(f"vs_trl: the {self.name} side exited early (exit {self.proc.wait()})")
-            if line.startswith("{"):
-                row = json.loads(line)
+            if line.startswith(_MARK):
+                row = json.loads(line[len(_MARK):])
                 self.seconds.append(row["seconds"])
                 self.tokens.append(row["tokens"])
                 return row["seconds"]
