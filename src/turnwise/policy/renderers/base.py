@@ -111,7 +111,8 @@ class Renderer:
         """What every `apply_chat_template` call gets besides the conversation (template variables)."""
         self.stop_token_ids = stop_token_ids_for(tokenizer, self.family.name)
         self._stop_text = {i: self.decode([i]) for i in self.stop_token_ids}
-        self._reasoning_open = self._prompt_opens_reasoning()
+        self.reasoning_open = self._prompt_opens_reasoning()
+        """Whether the generation prompt leaves a reasoning block open (the completion starts inside it)."""
 
     # -- rendering ---------------------------------------------------------------------------------
 
@@ -241,7 +242,7 @@ class Renderer:
         """(reasoning, the rest, whether the reasoning was closed)."""
         opener, closer = self.family.think  # type: ignore[misc]
         body = text
-        if not self._reasoning_open:
+        if not self.reasoning_open:
             stripped = text.lstrip()
             if not stripped.startswith(opener):
                 return "", text, True
