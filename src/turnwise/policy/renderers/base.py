@@ -16,6 +16,10 @@ nothing here re-implements a template. On top of `apply_chat_template` a rendere
      end-of-turn token that follows the probe (the token the model sampled) is the new
      messages' rendering. It must be a suffix of the full render and contain every new message.
   None when neither holds; the caller then renders in full and starts a new segment.
+  An end-of-turn token the template rewrites once the message is history (`Family.history_stops`:
+  GPT-OSS ends a final answer with `<|return|>` and writes `<|end|>` there in later prompts) is read
+  as its history form; the stored stream keeps the sampled token, so the sampled tokens are trained
+  and later turns are sampled after exactly those tokens (one token differs from a full re-render).
 - `parse_assistant`: the completion as an OpenAI assistant message (content, `reasoning_content`,
   tool calls) in the family's format. It never raises: malformed calls, or a call written in
   another family's format, stay text and are flagged as a tool-parse error.
@@ -165,6 +169,11 @@ class Renderer:
         if delta is None and stop != canonical and stop_id in self.stop_token_ids:
             # another end-of-turn token (eos for <|im_end|>) ends the turn as the template's own does
             delta = self._bridge(prev, new, tools, full, canonical)
+        history = self.family.history_stops.get(stop)
+        if delta is None and history is not None:
+            # the template's history form of the sampled token (harmony's <|return|> -> <|end|>): the stream
+            # keeps the sampled token, as it keeps an eos where the template writes <|im_end|>
+            delta = self._bridge(prev, new, tools, full, history)
         return delta
 
     def _bridge(self, prev: Sequence[Message], new: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None,
