@@ -169,3 +169,14 @@ def test_openai_agents_sdk_output_type_gets_a_parsed_object(server):
     assert isinstance(trip, Trip) and trip.city in ("Paris", "Rome", "Oslo") and 1 <= trip.nights <= 9
     turn = server[1].get("agents-sdk").turns[0]
     assert Trip.model_validate_json(turn.message.content) == trip
+
+
+def test_a_streamed_forced_call_arrives_as_tool_call_chunks(server):
+    stream = _client(server, "stream-call").chat.completions.create(
+        model="tiny", messages=QUESTION, tools=TOOLS, tool_choice={"type": "function",
+                                                                   "function": {"name": "issue_refund"}}, stream=True)
+    chunks = [ch for chunk in stream for ch in chunk.choices]
+    calls = [c for ch in chunks for c in ch.delta.tool_calls or ()]
+    assert [c.function.name for c in calls] == ["issue_refund"] and chunks[-1].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(calls[0].function.arguments), REFUND)
+    assert not "".join(ch.delta.content or "" for ch in chunks).strip()

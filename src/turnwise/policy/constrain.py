@@ -11,9 +11,10 @@ was actually drawn from, i.e. the behaviour policy mu of importance sampling.
 Departure, on purpose: `policy.logprobs.token_logprobs` recomputes the *unmasked* model
 log pi(token) for training, which is <= the recorded masked logprob (the mask renormalises over
 fewer tokens). The trainer's loss uses its own recomputed logprobs for pi_theta and the recorded
-ones as mu, so on constrained turns the ratio pi_theta / mu is below 1 by exactly the probability
-mass the grammar removed: that is the correct off-policy correction for a token drawn from the
-masked distribution, not a sampler/trainer mismatch. A matcher that errors (it never should:
+ones as mu, so on constrained turns the ratio pi_theta / mu is Z <= 1, Z the probability mass the
+grammar allowed: the off-policy correction for a token drawn from the masked distribution when
+the policy trained is the unconstrained model. (Training the constrained policy would need the
+masks stored per token, which is not done.) A matcher that errors (it never should:
 the grammar is validated when built) allows only the end-of-turn tokens, so the turn ends and
 its parse is flagged.
 
