@@ -129,7 +129,7 @@ TOOLS = [
                        "required": ["order_id", "amount"]}}},
 ]
 ONE_CALL_PER_MESSAGE = {"gpt_oss", "llama3"}
-NEW_SEGMENT_AFTER = {"gpt_oss": ("<|return|>",)}  # history renders a final answer's <|return|> as <|end|>
+NEW_SEGMENT_AFTER: dict[str, tuple[str, ...]] = {}  # harmony bridges <|return|> as <|end|> (Family.history_stops)
 THINKING_ON = {"deepseek_v3": {"thinking": True}, "gemma4": {"enable_thinking": True}}
 
 

@@ -39,6 +39,11 @@ class Sampler(Protocol):
     - `context: turnwise.types.SampleContext`: trajectory id, task id and turn index of the prompt,
       so a scripted or task-aware policy (`turnwise.runtime.testing.ScriptedSampler`) need not
       read them from the prompt.
+
+    An engine that honours `SamplingParams.grammar` (constrained decoding: forced tool use,
+    structured output) sets the attribute `supports_grammar = True`, and one that fills
+    `Completion.top_logprobs` sets `supports_top_logprobs = True`; the runtime refuses such
+    requests with a 400 to engines without them, so they are never silently ignored.
     """
 
     @property

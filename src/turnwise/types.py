@@ -114,6 +114,11 @@ class SamplingParams:
     """Stop strings: sampling ends at the token that completes one; the returned text omits it."""
     seed: int | None = None
     """Per-request seed for reproducible sampling."""
+    grammar: str | None = None
+    """An llguidance grammar (Lark with `%json`) the completion must match, from `policy.grammars`; None:
+    unconstrained. Only samplers with `supports_grammar` honour it (the runtime refuses it otherwise)."""
+    top_logprobs: int = 0
+    """Also return the k most likely tokens at each position (0..20), from the sampled token's distribution."""
 
 
 @dataclass(frozen=True)
@@ -145,13 +150,16 @@ class Completion:
     token_ids: tuple[int, ...]
     """Sampled token ids, including the end-of-turn token when one was sampled."""
     logprobs: tuple[float, ...]
-    """Logprob of each sampled token under the temperature-scaled policy (raw logits when greedy)."""
+    """Logprob of each sampled token under the temperature-scaled policy (raw logits when greedy), over
+    the tokens the grammar allowed when constrained (`policy.constrain`)."""
     finish_reason: FinishReason
     """Why it ended."""
     version: int
     """Policy version (weights) that sampled every token of this completion."""
     prompt_tokens: int = 0
     """Prompt tokens the sampler computed (prefill), excluding any reused prefix KV."""
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    """Per sampled token, (id, logprob) of the `SamplingParams.top_logprobs` most likely ones; () when not asked."""
 
 
 class FailureKind(str, enum.Enum):

@@ -18,7 +18,10 @@ Sampling (per row): temperature T > 0 samples from softmax(logits / T) restricte
 top-p nucleus, with the request's own `torch.Generator` (seeded when `seed` is given); the
 logprob returned is log softmax(logits / T) of the sampled token (top-p does not change it).
 T = 0 is greedy and its logprob is taken from the raw logits. `logprobs.token_logprobs`
-recomputes the same numbers for training.
+recomputes the same numbers for training. A request with a grammar (`SamplingParams.grammar`) has
+its row's logits masked first and its logprobs taken over the masked logits, and one asking for
+`top_logprobs` gets them from the same distribution (`policy.constrain`, which says how training
+treats the masked logprobs).
 
 `update_weights` copies new weights between two iterations (never during a forward pass);
 rows in flight keep decoding with the new weights. `Completion.version` is the version that
@@ -44,6 +47,7 @@ from types import TracebackType
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from turnwise.policy import constrain
 from turnwise.policy.chat import stop_token_ids_for
 from turnwise.policy.kvbatch import KV, KVBatch
 from turnwise.types import Completion, FinishReason, SamplingParams
@@ -78,6 +82,8 @@ class _Request:
     prompt_tokens: int = 0
     version: int = -1
     finish: FinishReason | None = None
+    guide: constrain.Guide | None = None
+    top_logprobs: list[constrain.TopLogprobs] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +94,11 @@ class _PrefixEntry:
 
 class SamplerEngine:
     """Batched, thread-safe sampling of completions from one model copy."""
+
+    supports_grammar = True
+    """Honours `SamplingParams.grammar` (constrained decoding)."""
+    supports_top_logprobs = True
+    """Honours `SamplingParams.top_logprobs`."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch_size: int = 64,
                  version: int = 0, prefix_cache_size: int = 128, copy_model: bool = True,
@@ -118,6 +129,8 @@ class SamplerEngine:
         self._shared: OrderedDict[tuple[int, ...], _PrefixEntry] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._closed = False
+        vocab = getattr(self.model.config, "vocab_size", None) or len(tokenizer)
+        self._guides = constrain.GuideCompiler(tokenizer, int(vocab), self.stop_token_ids)
 
     def start(self) -> SamplerEngine:
         with self._cond:
@@ -172,6 +185,12 @@ class SamplerEngine:
             generator = torch.Generator().manual_seed(
                 params.seed if params.seed is not None else secrets.randbits(63))
         request = _Request(prompt, params, future, cache_key, generator, on_token)
+        if params.grammar is not None:
+            try:
+                request.guide = self._guides.compile(params.grammar)
+            except ValueError as e:
+                future.set_exception(e)
+                return future
         if params.max_tokens <= 0:
             future.set_result(Completion((), (), FinishReason.LENGTH, self.version, 0))
             return future
@@ -185,7 +204,10 @@ class SamplerEngine:
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cache_key: str | None = None,
                        on_token: Callable[[int, float], None] | None = None) -> Completion:
-        """`submit` for asyncio callers."""
+        """`submit` for asyncio callers (a grammar is compiled off the event loop)."""
+        if params.grammar is not None:
+            future = await asyncio.to_thread(self.submit, prompt_ids, params, cache_key, on_token)
+            return await asyncio.wrap_future(future)
         return await asyncio.wrap_future(self.submit(prompt_ids, params, cache_key, on_token))
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> int:
@@ -343,10 +365,16 @@ class SamplerEngine:
         return out.logits[:, -1].float()
 
     def _sample(self, reqs: list[_Request], logits_B_V: torch.Tensor) -> None:
+        logits_B_V = constrain.mask_rows(logits_B_V, [r.guide for r in reqs])
         tokens, logprobs = sample_tokens(logits_B_V, [r.params for r in reqs], [r.generator for r in reqs])
-        for r, tok, lp in zip(reqs, tokens, logprobs, strict=True):
+        tops = constrain.top_logprobs(logits_B_V, [r.params for r in reqs])
+        for r, tok, lp, top in zip(reqs, tokens, logprobs, tops, strict=True):
             r.tokens.append(tok)
             r.logprobs.append(lp)
+            if r.guide is not None:
+                r.guide.advance(tok)
+            if top is not None:
+                r.top_logprobs.append(top)
             r.finish = self._finish_reason(r)
             if r.on_token is not None:
                 with contextlib.suppress(Exception):  # a consumer's bug must not stop the engine
@@ -377,7 +405,8 @@ class SamplerEngine:
             if r.cache_key is not None and self.prefix_cache_size > 0:
                 self._store(r.cache_key, (*r.prompt_ids, *r.tokens[:-1]),
                             batch.row_kv(slots[row] if slots is not None else row))
-            r.future.set_result(Completion(tuple(r.tokens), tuple(r.logprobs), r.finish, r.version, r.prompt_tokens))
+            r.future.set_result(Completion(tuple(r.tokens), tuple(r.logprobs), r.finish, r.version, r.prompt_tokens,
+                                           tuple(r.top_logprobs)))
         return keep
 
     def _lookup(self, r: _Request) -> list[KV] | None:

@@ -119,6 +119,8 @@ def create_app(*, sampler: Sampler | None, chat: Chat | None, store: TrajectoryS
         sampler_takes_cache_key=sampler is not None and _takes(sampler, "cache_key"),
         sampler_takes_on_token=sampler is not None and _takes(sampler, "on_token"),
         sampler_takes_context=sampler is not None and _takes(sampler, "context"), seed=seed,
+        sampler_supports_grammar=bool(getattr(sampler, "supports_grammar", False)),
+        sampler_supports_top_logprobs=bool(getattr(sampler, "supports_top_logprobs", False)),
         sampling_overrides=sampling_overrides)
     if sampling_overrides not in ("allow", "warn", "deny"):
         raise ValueError(f"sampling_overrides must be allow, warn or deny, not {sampling_overrides!r}")

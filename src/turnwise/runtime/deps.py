@@ -55,6 +55,10 @@ class Runtime:
     """The sampler's `generate` accepts `on_token=` (each token as it is sampled: real streaming)."""
     sampler_takes_context: bool = False
     """The sampler's `generate` accepts `context=` (a `SampleContext`: trajectory, task, turn)."""
+    sampler_supports_grammar: bool = False
+    """The sampler honours `SamplingParams.grammar` (forced tool use, structured output); 400 otherwise."""
+    sampler_supports_top_logprobs: bool = False
+    """The sampler honours `SamplingParams.top_logprobs`; 400 otherwise."""
     seed: int | None = 0
     """Job seed: a request without `seed` samples with one derived from it, the trajectory id and
     the turn (`turnwise.runtime.service.derive_seed`); None: OS entropy."""

@@ -48,10 +48,14 @@ def _usage(s: SampledTurn) -> dict[str, Any]:
 
 
 def _logprobs(rt: RuntimeDep, s: SampledTurn) -> dict[str, Any]:
-    content = []
-    for token_id, logprob in zip(s.turn.completion_ids, s.turn.logprobs, strict=True):
+    """Each sampled token's logprob (as recorded) and, when asked, the most likely tokens at its position."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = rt.chat.decode([token_id])
-        content.append({"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []})
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    tops = s.completion.top_logprobs or [()] * len(s.turn.completion_ids)
+    content = [{**entry(token_id, logprob), "top_logprobs": [entry(i, lp) for i, lp in top]}
+               for token_id, logprob, top in zip(s.turn.completion_ids, s.turn.logprobs, tops, strict=True)]
     return {"content": content}
 
 

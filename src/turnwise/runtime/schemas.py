@@ -69,22 +69,44 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptionsIn | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
-    def unsupported(self) -> str | None:
-        """The first requested behaviour the sampler cannot honour, named for a 400; None when all can be.
+    def forced_tools(self) -> tuple[str, ...]:
+        """The tools `tool_choice` makes the model call (one or more of them); () when none is forced.
+        ValueError naming the field when it cannot be honoured."""
+        choice, names = self.tool_choice, [t.function.name for t in self.tools or ()]
+        if choice in (None, "auto", "none"):
+            return ()
+        if choice == "required":
+            if not names:
+                raise ValueError("tool_choice required: no tools were offered")
+            return tuple(names)
+        function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice {json.dumps(choice)}: send auto, none, required or "
+                             '{"type": "function", "function": {"name": ...}}')
+        if name not in names:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the offered tools {names}")
+        return (name,)
 
-        Never silently dropped: a client that forces a tool or asks for JSON must not get plain text."""
-        if self.tool_choice not in (None, "auto", "none"):
-            return (f"tool_choice {json.dumps(self.tool_choice)}: forced tool use (required or a named function) "
-                    f"is not supported; send auto or none")
-        response_format = (self.model_extra or {}).get("response_format")
-        if response_format is not None and not (isinstance(response_format, dict)
-                                                and response_format.get("type") == "text"):
-            kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-            return f"response_format {kind!r}: structured output is not supported; send type text or omit it"
-        if self.top_logprobs:
-            return "top_logprobs: only the sampled token's logprob is returned; send 0 or omit it"
-        return None
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema `response_format` asks the content to match; None for text.
+        ValueError naming the field when it is malformed or of an unknown type."""
+        rf = self.response_format
+        kind = rf.get("type") if rf is not None else "text"
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind == "json_schema":
+            spec = rf.get("json_schema") if rf is not None else None
+            schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+            return schema
+        raise ValueError(f"response_format type {kind!r} is not supported; send text, json_object or json_schema")
 
     def to_messages(self) -> tuple[Message, ...]:
         raw = []

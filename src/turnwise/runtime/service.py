@@ -4,7 +4,12 @@ Sampling parameters: the request's, over the job's for this trajectory (what the
 for the rollout, `TrajectoryStore.expect_sampling`), over the runtime's defaults. When the
 request sets temperature, top_p or max_tokens other than the job's, `Runtime.sampling_overrides`
 decides: allow (the request's win), warn (the job's win; logged once per value), deny (400);
-each case is counted in `Runtime.override_counts`. A request without `seed` samples with
+each case is counted in `Runtime.override_counts`.
+
+Forced tool use (`tool_choice` required or a named function) and structured output
+(`response_format` json_object / json_schema) become a grammar in the family's own format
+(`policy.grammars`) that the sampler decodes under (`SamplingParams.grammar`); `top_logprobs`
+is passed on. A sampler or family that cannot honour one is a 400 naming the field, never ignored. A request without `seed` samples with
 `derive_seed(job seed, trajectory id, turn)`, so the same job seed, trajectory ids and
 requests give the same tokens (see README "Reproducibility" for what else that needs).
 """
@@ -17,6 +22,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from turnwise.policy.grammars import Constraint, ConstraintError, request_grammar
+from turnwise.policy.renderers import Renderer
 from turnwise.runtime.capture import PromptPlan, plan_prompt
 from turnwise.runtime.deps import ApiError, Runtime
 from turnwise.runtime.schemas import ChatCompletionRequest
@@ -88,6 +95,37 @@ def sampling_for(rt: Runtime, store: TrajectoryStore, trajectory_id: str, body: 
     return params
 
 
+def constraint_params(rt: Runtime, body: ChatCompletionRequest) -> dict[str, object]:
+    """`grammar` and `top_logprobs` for this request's `SamplingParams` (module docstring); ApiError 400 naming
+    the field the runtime cannot honour."""
+    try:
+        forced, schema = body.forced_tools(), body.response_schema()
+    except ValueError as e:
+        raise ApiError(400, f"unsupported request field: {e}") from None
+    out: dict[str, object] = {}
+    if forced or schema is not None:
+        field = "tool_choice" if forced else "response_format"
+        if not rt.sampler_supports_grammar or not isinstance(rt.chat, Renderer):
+            raise ApiError(400, f"unsupported request field: {field}: this runtime's sampler cannot constrain "
+                                "decoding (forced tool use and structured output need the local sampler)")
+        tools = {t["function"]["name"]: t["function"].get("parameters") for t in body.tool_dicts() or ()}
+        named = isinstance(body.tool_choice, dict)  # exactly one call of that function
+        constraint = Constraint(tools, forced, parallel=not named and body.parallel_tool_calls is not False,
+                                schema=schema)
+        try:
+            out["grammar"] = request_grammar(rt.chat, constraint)
+        except ConstraintError as e:
+            raise ApiError(400, f"unsupported request field: {e}") from None
+    if body.top_logprobs:
+        if not body.logprobs:
+            raise ApiError(400, "unsupported request field: top_logprobs needs logprobs: true")
+        if not rt.sampler_supports_top_logprobs:
+            raise ApiError(400, "unsupported request field: top_logprobs: this runtime's sampler returns only the "
+                                "sampled token's logprob; send 0 or omit it")
+        out["top_logprobs"] = body.top_logprobs
+    return out
+
+
 async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, body: ChatCompletionRequest, *,
                       on_token: Callable[[int, float], None] | None = None,
                       on_plan: Callable[[PromptPlan, int], None] | None = None) -> SampledTurn:
@@ -95,9 +133,7 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
     `on_plan(plan, turn index)` runs before sampling; `on_token(id, logprob)` for every token as
     the sampler produces it (from the sampler's thread), when the sampler supports it. A sampler
     whose `generate` takes `context` gets a `SampleContext` (trajectory, task, turn)."""
-    unsupported = body.unsupported()
-    if unsupported is not None:
-        raise ApiError(400, f"unsupported request field: {unsupported}")
+    constrained = constraint_params(rt, body)
     messages = body.to_messages()
     tools = body.tool_dicts()
     previous = store.get(trajectory_id, last_turn_only=True)
@@ -112,7 +148,7 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
     rt.prompt_plans[plan.reason.value] += 1
 
     turn_index = previous.turns[-1].index + 1 if previous is not None and previous.turns else 0
-    params = sampling_for(rt, store, trajectory_id, body, turn_index)
+    params = dataclasses.replace(sampling_for(rt, store, trajectory_id, body, turn_index), **constrained)
     if on_plan is not None:
         on_plan(plan, turn_index)
     extra: dict[str, object] = {}

@@ -16,6 +16,10 @@ nothing here re-implements a template. On top of `apply_chat_template` a rendere
      end-of-turn token that follows the probe (the token the model sampled) is the new
      messages' rendering. It must be a suffix of the full render and contain every new message.
   None when neither holds; the caller then renders in full and starts a new segment.
+  An end-of-turn token the template rewrites once the message is history (`Family.history_stops`:
+  GPT-OSS ends a final answer with `<|return|>` and writes `<|end|>` there in later prompts) is read
+  as its history form; the stored stream keeps the sampled token, so the sampled tokens are trained
+  and later turns are sampled after exactly those tokens (one token differs from a full re-render).
 - `parse_assistant`: the completion as an OpenAI assistant message (content, `reasoning_content`,
   tool calls) in the family's format. It never raises: malformed calls, or a call written in
   another family's format, stay text and are flagged as a tool-parse error.
@@ -111,7 +115,8 @@ class Renderer:
         """What every `apply_chat_template` call gets besides the conversation (template variables)."""
         self.stop_token_ids = stop_token_ids_for(tokenizer, self.family.name)
         self._stop_text = {i: self.decode([i]) for i in self.stop_token_ids}
-        self._reasoning_open = self._prompt_opens_reasoning()
+        self.reasoning_open = self._prompt_opens_reasoning()
+        """Whether the generation prompt leaves a reasoning block open (the completion starts inside it)."""
 
     # -- rendering ---------------------------------------------------------------------------------
 
@@ -164,6 +169,11 @@ class Renderer:
         if delta is None and stop != canonical and stop_id in self.stop_token_ids:
             # another end-of-turn token (eos for <|im_end|>) ends the turn as the template's own does
             delta = self._bridge(prev, new, tools, full, canonical)
+        history = self.family.history_stops.get(stop)
+        if delta is None and history is not None:
+            # the template's history form of the sampled token (harmony's <|return|> -> <|end|>): the stream
+            # keeps the sampled token, as it keeps an eos where the template writes <|im_end|>
+            delta = self._bridge(prev, new, tools, full, history)
         return delta
 
     def _bridge(self, prev: Sequence[Message], new: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None,
@@ -241,7 +251,7 @@ class Renderer:
         """(reasoning, the rest, whether the reasoning was closed)."""
         opener, closer = self.family.think  # type: ignore[misc]
         body = text
-        if not self._reasoning_open:
+        if not self.reasoning_open:
             stripped = text.lstrip()
             if not stripped.startswith(opener):
                 return "", text, True

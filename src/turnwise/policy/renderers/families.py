@@ -54,6 +54,9 @@ class Family:
     """Extra variables every render passes to the template."""
     template_patches: tuple[tuple[str, str], ...] = ()
     """Exact text replacements applied to the template before rendering (pinning the date)."""
+    history_stops: Mapping[str, str] = field(default_factory=dict)
+    """End-of-turn tokens the template writes differently once the message is history (harmony: a final
+    answer's `<|return|>` is `<|end|>`): the bridge reads the sampled one as that one."""
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -67,7 +70,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mistral", ("</s>",), parse_json.parse_mistral, ("[TOOL_CALLS]",)),
     Family("gpt_oss", ("<|return|>", "<|call|>"), parse_channels.parse_harmony_calls, ("to=functions.",),
            split_reasoning=parse_channels.split_harmony, reasoning_key="thinking",
-           template_patches=(('strftime_now("%Y-%m-%d")', f'"{HARMONY_DATE}"'),)),
+           template_patches=(('strftime_now("%Y-%m-%d")', f'"{HARMONY_DATE}"'),),
+           history_stops={"<|return|>": "<|end|>"}),
     Family("gemma4", ("<turn|>", "<|tool_response>"), parse_channels.parse_gemma_calls, ("<|tool_call>",),
            split_reasoning=parse_channels.split_gemma),
     Family("deepseek_v3", ("<｜end▁of▁sentence｜>",), parse_xml.parse_dsml, ("｜DSML｜function_calls",),
