@@ -4,7 +4,7 @@ Same tiny model (the built-in one, from its HF directory), same prompts (support
 one user turn), same batch (`--batch` prompts x `--group` completions), same completion limit,
 same reward (reply length / 80), same optimizer (AdamW, lr 1e-5, fp32). We time
 `--steps` steps after one warm-up step (TRL: from `on_step_begin` to `on_step_end`, generation
-included; turnwise: `time/step`, sampling through the runtime server included) and count
+included; turnwise: `speed/step_s`, sampling through the runtime server included) and count
 sampled tokens per second. Last line: `step_speedup_vs_trl: <TRL seconds per step / turnwise>`.
 
 Needs the bench extra: `pip install -e '.[bench]'` (TRL pinned, installed without upgrading torch).
@@ -60,9 +60,9 @@ def bench_turnwise(args: argparse.Namespace, work: Path) -> tuple[float, float]:
     finally:
         logger.close()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r][1:]  # the first step warms up
-    seconds = sum(r["time/step"] for r in steps) / len(steps)
-    tokens = sum(r["usage/sample_tokens"] for r in steps) / len(steps)
+    steps = [r for r in rows if "speed/step_s" in r][1:]  # the first step warms up
+    seconds = sum(r["speed/step_s"] for r in steps) / len(steps)
+    tokens = sum(r["rollout/sample_tokens"] for r in steps) / len(steps)
     return seconds, tokens / seconds
 
 
