@@ -9,8 +9,10 @@ from turnwise.track.logger import (
     default_tracking_uri,
     flatten_params,
     load_registered_model,
+    silence_third_party_bars,
 )
 from turnwise.track.traces import TraceOptions
 
 __all__ = ["JsonlLogger", "Logger", "MlflowLogger", "MultiLogger", "TraceOptions", "default_artifact_location",
-           "default_tracking_uri", "flatten_params", "load_registered_model"]
+           "default_tracking_uri", "flatten_params", "load_registered_model",
+           "silence_third_party_bars"]

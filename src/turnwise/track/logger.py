@@ -216,6 +216,18 @@ def load_registered_model(uri: str, tracking_uri: str | None = None) -> tuple[An
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def silence_third_party_bars() -> None:
+    """No tqdm bars from transformers, huggingface_hub or MLflow in this process: a training or
+    evaluation job prints its own progress, and theirs would add lines that say nothing."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
     """Nested config -> `{"a.b.c": value}` for `log_params`."""
     out: dict[str, object] = {}

@@ -21,6 +21,7 @@ from turnwise.track import (
     default_artifact_location,
     default_tracking_uri,
     flatten_params,
+    silence_third_party_bars,
 )
 from turnwise.train import async_loop, loop
 from turnwise.train.step import TrainResult
@@ -77,6 +78,7 @@ def select_loop(cfg: JobConfig) -> Callable[..., TrainResult]:
 def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResult, dict]:
     """Train (or resume the run in `resume_dir` from its latest checkpoint), then write
     `summary.json` and `reward_curve.png` into the run directory."""
+    silence_third_party_bars()  # before the model loads
     agent = load_agent(cfg.agent.function) if cfg.agent.kind == "python" else None
     run_dir = new_run_dir(cfg) if resume_dir is None else Path(resume_dir)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

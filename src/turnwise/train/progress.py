@@ -13,7 +13,6 @@ downloads) are silenced for the run: they would add lines that say nothing about
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -23,16 +22,7 @@ from typing import TextIO
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-
-def silence_third_party_bars() -> None:
-    """No tqdm bars from transformers, huggingface_hub or MLflow in this process."""
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bars()
-    hf_logging.disable_progress_bar()
+from turnwise.track import silence_third_party_bars
 
 
 def _eta(seconds: float) -> str:

@@ -32,6 +32,7 @@ from turnwise.rollout.push import AgentUnavailable
 from turnwise.rollout.runtime import EmbeddedRuntime
 from turnwise.rollout.tasks import load_tasks
 from turnwise.track import Logger
+from turnwise.track.traces import final_output, verdict
 from turnwise.train.backend import LocalBackend, lr_lambda
 from turnwise.train.checkpoint import (
     StopSignals,
@@ -220,7 +221,8 @@ def end_step(run: Run, step: int, groups: Sequence[Group], metrics: dict[str, fl
     metrics["speed/step_s"] = time.perf_counter() - t0
     metrics["speed/tokens_per_s"] = (metrics.get("rollout/sample_tokens", 0.0)
                                           + metrics.get("train/tokens", 0.0)) / max(metrics["speed/step_s"], 1e-9)
-    write_rollouts(run.run_dir / "rollouts" / f"step_{step:05d}.jsonl", groups)
+    write_rollouts(run.run_dir / "rollouts" / f"step_{step:05d}.jsonl", groups, cfg.eval.answer_key,
+                   cfg.success_threshold)
     t_log = time.perf_counter()
     run.logger.log_rollouts(step, groups)  # MLflow: a table of all, traces of a sample
     metrics["speed/log_rollouts_s"] = time.perf_counter() - t_log
@@ -328,7 +330,10 @@ def validation_metrics(cfg: JobConfig, groups: Sequence[Group]) -> dict[str, flo
     return metrics
 
 
-def write_rollouts(path: Path, groups: Sequence[Group]) -> Path:
+def write_rollouts(path: Path, groups: Sequence[Group], answer_key: str = "answer",
+                   success_threshold: float = 1.0) -> Path:
+    """One JSON line per rollout (what `turnwise show` reads): outcome, verdict, final output beside
+    the task's expected answer (`answer_key`), and the last turn's whole conversation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for g in groups:
@@ -340,6 +345,8 @@ def write_rollouts(path: Path, groups: Sequence[Group]) -> Path:
                 f.write(json.dumps({"task_id": g.task.id, "trajectory_id": traj.id, "status": traj.status.value,
                                     "rewards": list(traj.rewards), "error": traj.error,
                                     "failure": traj.failure.value if traj.failure else None,
+                                    "verdict": verdict(r, success_threshold), "final_output": final_output(r),
+                                    "expected": g.task.row.get(answer_key),
                                     "turns": len(traj.turns), "versions": [t.version for t in traj.turns],
                                     "metrics": dict(r.metrics), "messages": messages}) + "\n")
     return path
