@@ -29,6 +29,10 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")]
 
 
+ML = "workflowType=machine_learning"  # the UI's model-training view (its default is the GenAI one)
+SECTIONS = ("loss", "reward", "rollout", "speed", "train", "warm_start")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +59,7 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory):
             f"output_dir={tmp / 'runs'}", f"data.train_path={tmp / 'train.jsonl'}", f"data.val_path={tmp / 'val.jsonl'}",
             f"warm_start.demos_path={tmp / 'demos.jsonl'}", "warm_start.epochs=1", "warm_start.batch_size=4",
             "global_batch_size=2", "group_size=2", "max_steps=2", "val_every=1", "sampling_max_tokens=16",
-            "tracking.progress=false", "tracking.console=off", "agent.function=e2e_agent:agent",
+            "tracking.progress=false", "agent.function=e2e_agent:agent",
             "eval.max_tasks=2", "eval.group_size=2", "eval.max_tokens=8", "eval.bootstrap_samples=20",
         ])
         result, summary = run_train(cfg)
@@ -143,21 +147,26 @@ def _shot(pg, tmp_path: Path, name: str) -> None:
 
 def test_the_training_run_shows_reward_charts(page, mlflow_server, logged_run, tmp_path):
     _, run_id, experiment, _, _ = logged_run
-    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/model-metrics")
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/model-metrics?{ML}")
+    page.get_by_text("Add chart").first.wait_for()
+    body = page.inner_text("body")
+    # one section per namespace, in this order (MLflow sorts them by name), not one per metric
+    sections = list(dict.fromkeys(line for line in body.splitlines() if line in SECTIONS))
+    assert sections == list(SECTIONS), sections
+    _shot(page, tmp_path, "mlflow_train_metrics.png")
+    page.get_by_placeholder("Search metric charts").fill("reward/")  # charts draw once in view
     page.get_by_text("(reward/mean)").first.wait_for()
     body = page.inner_text("body")
-    for chart in ("(reward/mean)", "(reward/pass_rate)", "(reward/val)", "(loss/value)", "(speed/step_s)"):
+    for chart in ("(reward/mean)", "(reward/pass_rate)", "(reward/val)", "(reward/val_pass_at_1)"):
         assert chart in body, chart
-    # sections by namespace: a handful, not one per metric
-    assert body.index("(loss/value)") < body.index("(reward/mean)") < body.index("(rollout/turns)")
-    _shot(page, tmp_path, "mlflow_train_metrics.png")
+    _shot(page, tmp_path, "mlflow_train_reward_charts.png")
 
 
 def test_the_traces_tab_lists_rollouts(page, mlflow_server, logged_run, tmp_path):
     _, run_id, experiment, _, _ = logged_run
-    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/traces")
-    page.get_by_text("rollout").first.wait_for()
-    assert page.get_by_text("rollout").count() >= 4  # 2 steps x 2 tasks x 2 rollouts, each a trace
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/traces?{ML}")
+    page.get_by_text("8 of 8").first.wait_for()  # 2 steps x 2 tasks x 2 rollouts, each a trace
+    assert page.get_by_text('"verdict"').count() >= 4  # the Response column: verdict, reward, output
     _shot(page, tmp_path, "mlflow_traces.png")
 
 
@@ -167,12 +176,13 @@ def test_the_eval_runs_carry_their_names_and_the_comparison(page, mlflow_server,
 
     compare_run = next(r for r in MlflowClient(uri).search_runs([experiment])
                        if r.info.run_name.startswith("compare:"))
-    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs")
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs?{ML}")
     page.get_by_text("compare: warm start vs RL step 2").first.wait_for()
     body = page.inner_text("body")
-    assert "eval: warm start" in body and "eval: RL step 2" in body
+    assert "eval: warm start" in body and "eval: RL step 2" in body and "train: " in body
+    assert "turnwise-support_desk" in body  # the registered model, in the training run's Models column
     _shot(page, tmp_path, "mlflow_runs.png")
-    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{compare_run.info.run_id}")
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{compare_run.info.run_id}?{ML}")
     page.get_by_text("delta/eval/exact_match").first.wait_for()
     body = page.inner_text("body")
     assert "delta_low/eval/exact_match" in body and "Comparison" in body

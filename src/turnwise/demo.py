@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  validation reward after RL         : {fmt(result.val_reward_after_rl)}")
     print(f"  RL steps: {result.steps}   run: {result.run_dir}")
     print(f"  reward curve: {summary['reward_curve']}")
-    print(f"  MLflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}"
+    print(f"  MLflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}  (then 'Model training', top left)"
           + (f"   registered model: {summary['registered_model']}" if summary.get("registered_model") else ""))
     # the demo grades with the agent's strict reward (final JSON and final database state); with
     # another grader, exact match is the grader's `<final_output>` comparison

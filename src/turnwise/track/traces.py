@@ -111,8 +111,10 @@ def _log_one(client: Any, experiment_id: str, run_id: str, step: int, r: Rollout
     ended = max(started + r.seconds, turns[-1].ended_at if turns else 0.0)
     judged = verdict(r, options.success_threshold)
     reward = traj.reward if traj.rewards else None
-    root = client.start_trace(
-        name="rollout", span_type="AGENT", inputs={"task": _jsonable(dict(r.task.row))},
+    first_user = next((m.content for m in (turns[0].request_messages if turns else ()) if m.role == "user"), None)
+    root = client.start_trace(  # what the Traces tab's Request and Response columns show first
+        name="rollout", span_type="AGENT",
+        inputs={"task_id": r.task.id, "user": first_user, "task": _jsonable(dict(r.task.row))},
         attributes={"reward": reward, "verdict": judged},
         tags={"turnwise.step": str(step), "turnwise.task_id": r.task.id, "turnwise.trajectory_id": traj.id,
               "turnwise.verdict": judged},
@@ -137,9 +139,9 @@ def _log_one(client: Any, experiment_id: str, run_id: str, step: int, r: Rollout
                                      start_time_ns=_ns(turn.ended_at))
             client.end_span(trace_id, tool.span_id, outputs={"result": results.get(call.id)},
                             end_time_ns=_ns(tool_end))
-    client.end_trace(trace_id, outputs={"final_output": final_output(r), "expected": r.task.row.get(options.answer_key),
-                                        "reward": reward, "verdict": judged, "error": traj.error,
-                                        "metrics": dict(r.metrics)},
+    client.end_trace(trace_id, outputs={"verdict": judged, "reward": reward, "final_output": final_output(r),
+                                        "expected": _jsonable(r.task.row.get(options.answer_key)),
+                                        "error": traj.error, "metrics": dict(r.metrics)},
                      status="OK" if traj.error is None else "ERROR", end_time_ns=_ns(ended))
 
 

@@ -49,7 +49,7 @@ def make_logger(cfg: JobConfig, run_dir: Path, run_name: str) -> MultiLogger:
     if cfg.tracking.mlflow:
         t = cfg.tracking
         backends.append(MlflowLogger(
-            default_tracking_uri(cfg.output_dir, t.tracking_uri), t.experiment, run_name, traces=t.traces,
+            default_tracking_uri(cfg.output_dir, t.tracking_uri), t.experiment, f"train: {run_name}", traces=t.traces,
             trace_options=TraceOptions(t.traces_per_step, cfg.success_threshold, cfg.eval.answer_key),
             log_checkpoints=t.log_checkpoints, artifact_location=default_artifact_location(cfg.output_dir, t.tracking_uri),
             tags={"turnwise.kind": "train", "turnwise.run_dir": str(run_dir), "turnwise.config": cfg.name},
