@@ -162,12 +162,18 @@ def test_the_training_run_shows_reward_charts(page, mlflow_server, logged_run, t
     _shot(page, tmp_path, "mlflow_train_reward_charts.png")
 
 
-def test_the_traces_tab_lists_rollouts(page, mlflow_server, logged_run, tmp_path):
+def test_the_traces_tab_lists_rollouts_and_each_step_has_a_table(page, mlflow_server, logged_run, tmp_path):
     _, run_id, experiment, _, _ = logged_run
     page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/traces?{ML}")
     page.get_by_text("8 of 8").first.wait_for()  # 2 steps x 2 tasks x 2 rollouts, each a trace
     assert page.get_by_text('"verdict"').count() >= 4  # the Response column: verdict, reward, output
     _shot(page, tmp_path, "mlflow_traces.png")
+    # every rollout of a step as a table (the Artifacts tab renders log_table files as tables)
+    page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{run_id}/artifacts/rollouts/step_00001.json?{ML}")
+    page.get_by_text("final_output").first.wait_for()
+    body = page.inner_text("body")
+    assert all(col in body for col in ("expected", "reward", "verdict", "tool_errors"))
+    _shot(page, tmp_path, "mlflow_rollout_table.png")
 
 
 def test_the_eval_runs_carry_their_names_and_the_comparison(page, mlflow_server, logged_run, tmp_path):
