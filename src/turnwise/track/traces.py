@@ -52,7 +52,7 @@ def final_output(r: RolloutResult) -> str:
     if not turns:
         return ""
     message = turns[-1].message
-    calls = [f"{c.name}({json.dumps(c.arguments, default=str)})" for c in message.tool_calls]
+    calls = [f"{c.name}({c.arguments})" for c in message.tool_calls]
     return "\n".join([t for t in [message.content or ""] if t] + calls)
 
 
