@@ -89,6 +89,7 @@ def log_step(client: Any, experiment_id: str, run_id: str, step: int, groups: Se
     import mlflow
 
     if mlflow.get_tracking_uri() != client.tracking_uri:
+        flush()  # traces still queued for the previous store must not land in this one
         mlflow.set_tracking_uri(client.tracking_uri)
     sampled = groups if options.groups_per_step is None else groups[: options.groups_per_step]
     n = 0
