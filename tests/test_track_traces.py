@@ -4,6 +4,7 @@ real durations of each turn and tool call, the final output, expected answer, re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from turnwise.track import MlflowLogger, TraceOptions
@@ -61,6 +62,7 @@ def test_traces_of_the_first_groups_with_real_durations_and_a_table(tmp_path: Pa
                           trace_options=TraceOptions(groups_per_step=1), artifact_location=(tmp_path / "art").as_uri())
     logger.log_rollouts(3, _groups())
     logger.close()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # later jobs of this process keep their own store
     traces = mlflow.search_traces(locations=[logger.experiment_id], return_type="list")
     assert len(traces) == 2  # the first group only
     trace = min(traces, key=lambda t: t.info.request_time)

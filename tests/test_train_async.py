@@ -79,9 +79,6 @@ def test_async_staleness_bound_metrics_traces_and_show(tmp_path: Path, capsys):
     assert not missing, missing
     assert mlflow_run.data.params["async_config.max_steps_off_policy"] == "1"
     traces = client.search_traces(locations=[mlflow_run.info.experiment_id], max_results=500)
-    # this run's traces: in one process, MLflow's global trace exporter can file an earlier test's
-    # traces under this store's experiment of the same id
-    traces = [t for t in traces if t.info.request_metadata.get("mlflow.sourceRun") == mlflow_run.info.run_id]
     assert len(traces) == 5 * 2 * 2  # every training rollout (2 groups a step: all of them)
     assert any(s.name.startswith("turn") for s in traces[0].data.spans)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "checkpoints/step_00005")}

@@ -18,6 +18,7 @@ it at the run's store; `flush` waits for the queue.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,7 +91,14 @@ def log_step(client: Any, experiment_id: str, run_id: str, step: int, groups: Se
 
     if mlflow.get_tracking_uri() != client.tracking_uri:
         flush()  # traces still queued for the previous store must not land in this one
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(client.tracking_uri)
+        # set_tracking_uri also exports $MLFLOW_TRACKING_URI, which would send every later job of
+        # this process (the demo's evaluations, the next test) to this run's store
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
     sampled = groups if options.groups_per_step is None else groups[: options.groups_per_step]
     n = 0
     for g in sampled:
