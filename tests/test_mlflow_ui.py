@@ -130,7 +130,7 @@ def page(mlflow_server):
                                      "playwright; the browser is the system chromium)")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        pg = browser.new_page(viewport={"width": 1500, "height": 1100})
+        pg = browser.new_page(viewport={"width": 1900, "height": 1100})
         pg.set_default_timeout(45_000)
         yield pg
         browser.close()
