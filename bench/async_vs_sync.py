@@ -69,12 +69,12 @@ def run_one(off_policy: int, seed: int, args: argparse.Namespace, work: Path) ->
     finally:
         logger.close()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r]
-    rl_seconds = sum(r["time/step"] for r in steps)
+    steps = [r for r in rows if "speed/step_s" in r]
+    rl_seconds = sum(r["speed/step_s"] for r in steps)
     return {"steps_per_hour": 3600 * len(steps) / rl_seconds, "val_reward": result.val_reward_after_rl or 0.0,
             "val_before": result.val_reward_before_rl or 0.0, "val_by_task": val,
-            "dropped_stale": sum(r["async/dropped_stale"] for r in steps),
-            "staleness_mean": sum(r["async/staleness/mean"] for r in steps) / len(steps)}
+            "dropped_stale": sum(r["train/dropped_stale"] for r in steps),
+            "staleness_mean": sum(r["train/staleness"] for r in steps) / len(steps)}
 
 
 def paired_gap(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:

@@ -4,7 +4,7 @@ Runs the demo (`examples/support_desk`, the config `make demo` trains) with its 
 `--steps` RL steps, with timers around the functions of each phase (no sampling profiler, no
 change to the code paths). Steps after the first are averaged. Phases:
 
-  sample (wall)               the sampling phase of the loop (`time/sample`); concurrently inside it:
+  sample (wall)               the sampling phase of the loop (`speed/sample_s`); concurrently inside it:
     sampler: model forward    `SamplerEngine._forward` (prefill and decode), in the sampler thread
     sampler: token sampling   `sample_tokens` (softmax, top-p, draw)
     sampler: scheduling       the rest of `_admit`/`_decode` (KV padding, merging, retiring)
@@ -130,8 +130,8 @@ def per_step(rows: list[dict[str, Any]]) -> Iterator[None]:
     def end_step(run: Any, step: int, groups: Any, metrics: dict[str, float], t0: float) -> None:
         original(run, step, groups, metrics, t0)
         with _lock:
-            rows.append({"totals": dict(_totals), "calls": dict(_calls), "sample": metrics["time/sample"],
-                         "step": time.perf_counter() - t0, "tokens": metrics.get("usage/sample_tokens", 0.0)})
+            rows.append({"totals": dict(_totals), "calls": dict(_calls), "sample": metrics["speed/sample_s"],
+                         "step": time.perf_counter() - t0, "tokens": metrics.get("rollout/sample_tokens", 0.0)})
 
     loop.end_step = end_step
     try:

@@ -73,8 +73,8 @@ def run_turnwise(args: argparse.Namespace, work: Path, gate: Gate) -> None:
     class GatedLogger(JsonlLogger):
         def log_metrics(self, metrics, step):
             super().log_metrics(metrics, step)
-            if "time/step" in metrics:
-                gate.step_done(metrics.get("usage/sample_tokens", 0.0))
+            if "speed/step_s" in metrics:
+                gate.step_done(metrics.get("rollout/sample_tokens", 0.0))
 
     steps = MAX_WARMUP + args.steps + 1
     tasks = work / "tasks.jsonl"

@@ -143,7 +143,7 @@ def test_grpo_passk_by_hand():
           ro("h", "d", (3.0,), (1,)), ro("h", "e", (1.0,), (1,)), ro("h", "f", (3.0,), (1,))]
     got, metrics = compute_advantages("grpo_passk", rs, default_advantage_options())
     assert got == approx([(0.0,), (1.0, 1.0), (0.0,), (0.0,), (0.0,), (0.0,)])  # 3 - 2; a tie gives 0
-    assert metrics["analysis/zero_adv_groups"] == 1.0
+    assert metrics["train/zero_adv_groups"] == 1.0
 
 
 def test_gpg_by_hand():
@@ -160,8 +160,8 @@ def test_gpg_by_hand():
 def test_group_of_one_gets_zero(name):
     got, metrics = compute_advantages(name, [ro("g", "a", (3.0,), (2, 1))], default_advantage_options())
     assert got == [(0.0, 0.0, 0.0)]
-    assert metrics["analysis/zero_adv_groups"] == 1.0
-    assert metrics["analysis/singleton_groups"] == 1.0
+    assert metrics["train/zero_adv_groups"] == 1.0
+    assert metrics["train/singleton_groups"] == 1.0
 
 
 @pytest.mark.parametrize("name", GROUP_METHODS)
@@ -171,8 +171,8 @@ def test_all_equal_rewards_give_exact_zero_and_are_counted(name):
     got, metrics = compute_advantages(name, rs, default_advantage_options())
     assert got[:3] == [(0.0, 0.0)] * 3
     assert any(a != 0.0 for a in got[3] + got[4])
-    assert metrics["analysis/zero_adv_groups"] == 1.0
-    assert metrics["analysis/num_groups"] == 2.0
+    assert metrics["train/zero_adv_groups"] == 1.0
+    assert metrics["train/num_groups"] == 2.0
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
@@ -202,7 +202,7 @@ def test_bad_options_are_rejected():
 def test_empty_batch(name):
     got, metrics = compute_advantages(name, [], default_advantage_options())
     assert got == []
-    assert metrics["analysis/num_groups"] == 0.0 and metrics["analysis/advantage_std"] == 0.0
+    assert metrics["train/num_groups"] == 0.0 and metrics["train/advantage_std"] == 0.0
 
 
 def test_failed_rollouts_are_left_out_by_the_caller():
@@ -223,11 +223,11 @@ def test_metrics_describe_the_token_advantages():
     rs = [ro("g", "a", (2.0,), (2,)), ro("g", "b", (0.0,), (1,)), ro("g", "c", (1.0,), (1,))]
     _, m = compute_advantages("group_based", rs, EXACT)
     tokens = np.array([1.0, 1.0, -1.0, 0.0])
-    assert m["analysis/advantage_mean"] == pytest.approx(tokens.mean())
-    assert m["analysis/advantage_std"] == pytest.approx(tokens.std())
-    assert m["analysis/advantage_min"] == -1.0 and m["analysis/advantage_max"] == 1.0
-    assert m["analysis/advantage_nonzero_frac"] == 0.75
-    assert m["analysis/zero_adv_groups"] == 0.0
+    assert m["train/advantage_mean"] == pytest.approx(tokens.mean())
+    assert m["train/advantage_std"] == pytest.approx(tokens.std())
+    assert m["train/advantage_min"] == -1.0 and m["train/advantage_max"] == 1.0
+    assert m["train/advantage_nonzero_frac"] == 0.75
+    assert m["train/zero_adv_groups"] == 0.0
 
 
 # --- invariants -------------------------------------------------------------------------------

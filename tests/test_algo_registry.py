@@ -49,7 +49,7 @@ def test_user_advantage_is_picked_by_name_from_config():
         rs = [ScoredRollout("g", "a", (1.0,), (2,)), ScoredRollout("g", "b", (0.0,), (1,))]
         adv, metrics = compute_advantages(cfg.advantage_method, rs, cfg.advantage_options())
         assert adv == [(1.0, 1.0), (0.0,)]
-        assert metrics["analysis/zero_adv_groups"] == 0.0
+        assert metrics["train/zero_adv_groups"] == 0.0
         assert get_advantage("test_best_of_group") is best_of_group
     finally:
         ADVANTAGES.unregister("test_best_of_group")

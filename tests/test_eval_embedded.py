@@ -60,5 +60,11 @@ def test_compare_base_with_a_checkpoint_logs_named_mlflow_runs(tmp_path, monkeyp
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("turnwise").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
-    assert set(by_name) == {"base-model-eval", "fine-tuned-model-eval"}
-    assert by_name["fine-tuned-model-eval"].data.metrics["eval/failed/frac"] == 1 / 3
+    assert set(by_name) == {"eval: base", "eval: fine-tuned", "compare: base vs fine-tuned"}
+    assert by_name["eval: fine-tuned"].data.metrics["eval/failed/frac"] == 1 / 3
+    assert by_name["eval: fine-tuned"].data.tags["turnwise.kind"] == "eval"
+    cmp = by_name["compare: base vs fine-tuned"]
+    assert cmp.data.metrics["delta/eval/exact_match"] == summary["deltas"]["eval/exact_match"]["delta"]
+    assert cmp.data.metrics["delta_low/eval/exact_match"] <= cmp.data.metrics["delta_high/eval/exact_match"]
+    assert cmp.data.tags["turnwise.eval_run_b"] == by_name["eval: fine-tuned"].info.run_id
+    assert "comparison_table.json" in {a.path for a in client.list_artifacts(cmp.info.run_id)}

@@ -151,4 +151,4 @@ def test_it_trains_for_two_steps(tmp_path: Path):
     assert cli.main(args) == 0
     run = next((tmp_path / "runs").glob("tau_retail-*"))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "rollout/reward/mean" in m] == [1, 2]
+    assert [m["step"] for m in metrics if "reward/mean" in m] == [1, 2]

@@ -150,7 +150,7 @@ def test_kill_9_mid_step_with_default_settings_resumes_and_counts_nothing_twice(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("rollout/abandoned", 0) for r in rows) >= 1
-    assert max(r["step"] for r in rows if "time/step" in r) == 3
+    assert max(r["step"] for r in rows if "speed/step_s" in r) == 3
     db = sqlite3.connect(run_dir / "trajectories.db")
     counts = dict(db.execute("select status, count(*) from trajectories group by status").fetchall())
     assert counts["rewarded"] == 3 * 4 and counts.get("in_progress", 0) == 0 and counts.get("ready", 0) == 0, \
@@ -175,4 +175,4 @@ def test_wrong_length_rewards_fail_that_rollout_and_the_step_goes_on(tmp_path):
     assert sum(r["status"] == "rewarded" for r in rows) == 3
     metrics = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                    if "rollout/failed" in line)
-    assert metrics["rollout/failed/bad_reward"] == 1
+    assert metrics["rollout/failed_bad_reward"] == 1

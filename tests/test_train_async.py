@@ -13,13 +13,13 @@ from turnwise.train.async_loop import train
 from turnwise.train.job import make_logger
 
 METRICS = [
-    "rollout/reward/mean", "rollout/reward/valid_mean", "rollout/reward/zero_frac", "rollout/turns/mean",
-    "rollout/tokens/response_max", "analysis/zero_adv_groups", "training/total_tokens",
-    "training/num_trajectories", "loss/clip_frac", "loss/approx_kl", "loss/entropy", "rollout/tool_calls/mean",
-    "rollout/tool_errors/frac", "rollout/stop/final", "time/sample", "time/train", "time/step",
-    "throughput/tokens_per_s", "mismatch/logprob_abs_diff", "usage/prefill_tokens", "usage/sample_tokens",
-    "async/dropped_stale", "async/staleness/mean", "async/staleness/max",
-    "val/reward/mean", "val/reward/pass_at_1", "val/reward/pass_at_2",
+    "reward/mean", "reward/zero_frac", "rollout/turns",
+    "rollout/response_tokens_max", "train/zero_adv_groups", "train/tokens",
+    "train/trajectories", "loss/clip_frac", "loss/approx_kl", "loss/entropy", "rollout/tool_calls",
+    "rollout/tool_error_frac", "rollout/stop_final", "speed/sample_s", "speed/train_s", "speed/step_s",
+    "speed/tokens_per_s", "train/logprob_mismatch", "rollout/prefill_tokens", "rollout/sample_tokens",
+    "train/dropped_stale", "train/staleness", "train/staleness_max",
+    "reward/val", "reward/val_pass_at_1", "reward/val_pass_at_2",
 ]
 
 
@@ -56,17 +56,17 @@ def test_async_staleness_bound_metrics_traces_and_show(tmp_path: Path, capsys):
         logger.close()
     assert result.steps == 5
     rows_ = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows_ if "async/staleness/max" in r]
+    steps = [r for r in rows_ if "train/staleness_max" in r]
     assert len(steps) == 5
-    assert all(r["async/staleness/max"] <= 1 for r in steps)  # the bound holds on what trained
-    assert any(r["async/staleness/max"] == 1 for r in steps)  # sampling overlapped training
-    assert sum(r["async/dropped_stale"] for r in steps) >= 1  # the straggler came back too stale
+    assert all(r["train/staleness_max"] <= 1 for r in steps)  # the bound holds on what trained
+    assert any(r["train/staleness_max"] == 1 for r in steps)  # sampling overlapped training
+    assert sum(r["train/dropped_stale"] for r in steps) >= 1  # the straggler came back too stale
     # every trained token is at most one version behind the weights that trained on it
     for r in steps:
-        version_after = r["training/policy_version"]
+        version_after = r["train/policy_version"]
         for line in (run_dir / "rollouts" / f"step_{r['step']:05d}.jsonl").read_text().splitlines():
             assert all(version_after - 1 - v <= 1 for v in json.loads(line)["versions"])
-    assert steps[0]["rollout/tool_errors/frac"] == 0.5 and steps[0]["rollout/tool_calls/mean"] == 2
+    assert steps[0]["rollout/tool_error_frac"] == 0.5 and steps[0]["rollout/tool_calls"] == 2
 
     from mlflow.tracking import MlflowClient
 
@@ -79,7 +79,7 @@ def test_async_staleness_bound_metrics_traces_and_show(tmp_path: Path, capsys):
     assert not missing, missing
     assert mlflow_run.data.params["async_config.max_steps_off_policy"] == "1"
     traces = client.search_traces(locations=[mlflow_run.info.experiment_id], max_results=500)
-    assert len(traces) == 5 * 2 * 2  # every training rollout
+    assert len(traces) == 5 * 2 * 2  # every training rollout (2 groups a step: all of them)
     assert any(s.name.startswith("turn") for s in traces[0].data.spans)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "checkpoints/step_00005")}
     assert "checkpoints/step_00005/model.safetensors" in artifacts

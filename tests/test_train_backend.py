@@ -41,9 +41,9 @@ def test_local_backend_is_a_training_backend_and_publishes_versions(policy, tmp_
         before = {k: v.clone() for k, v in model.state_dict().items()}
         data = [datum([5, 6, 7, 8, 9, 10]), datum([11, 12, 13, 14]), datum([20, 21, 22, 23, 24])]
         metrics = backend.forward_backward(data, "ppo", OPTS)
-        assert {"loss/value", "loss/clip_frac", "mismatch/logprob_abs_diff"} <= set(metrics)
+        assert {"loss/value", "loss/clip_frac", "train/logprob_mismatch"} <= set(metrics)
         step = backend.optim_step(AdamParams(learning_rate=1e-3))
-        assert step["training/learning_rate"] == 1e-3 and step["loss/grad_norm"] > 0
+        assert step["train/learning_rate"] == 1e-3 and step["loss/grad_norm"] > 0
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert backend.save_weights_for_sampler() == 2 and sampler.version == 2
         backend.save_state(tmp_path / "ckpt")

@@ -43,9 +43,9 @@ def test_failure_policy_counts_every_decision(policy, kept):
     out, m = apply_failure_policy(groups(), policy)
     assert [g.task.id for g in out] == kept
     assert m["rollout/failed"] == 3 and m["rollout/timeouts"] == 1 and m["rollout/failed_frac"] == 0.5
-    assert m["rollout/failed/timeout"] == 1 and m["rollout/failed/agent_error"] == 2
-    assert m["groups/incomplete"] == 1 and m["groups/dropped_empty"] == 1
-    assert m["groups/dropped_incomplete"] == (1 if policy == "drop" else 0)
+    assert m["rollout/failed_timeout"] == 1 and m["rollout/failed_agent_error"] == 2
+    assert m["train/groups_incomplete"] == 1 and m["train/groups_dropped_empty"] == 1
+    assert m["train/groups_dropped_incomplete"] == (1 if policy == "drop" else 0)
 
 
 def test_staleness_is_versions_behind_the_oldest_token():
@@ -59,10 +59,10 @@ def test_agent_metrics_aggregate_under_documented_names():
     g = Group(t, (rollout(t, **{"rollout/tool_calls": 4, "rollout/tool_errors": 1, "rollout/stop/final_answer": 1}),
                   rollout(t, tool_calls=0, tool_errors=0, **{"stop/max_turns": 1}), rollout(t, ok=False)))
     m = rollout_metrics([g], success_threshold=1.0)
-    assert m["rollout/tool_calls/mean"] == pytest.approx(4 / 3)
-    assert m["rollout/tool_errors/frac"] == 0.25
-    assert m["rollout/stop/final_answer"] == pytest.approx(1 / 3) and m["rollout/stop/failed"] == pytest.approx(1 / 3)
-    assert m["rollout/reward/mean"] == pytest.approx(2 / 3) and m["rollout/pass_rate"] == pytest.approx(2 / 3)
+    assert m["rollout/tool_calls"] == pytest.approx(4 / 3)
+    assert m["rollout/tool_error_frac"] == 0.25
+    assert m["rollout/stop_final_answer"] == pytest.approx(1 / 3) and m["rollout/stop_failed"] == pytest.approx(1 / 3)
+    assert m["reward/mean"] == pytest.approx(2 / 3) and m["reward/pass_rate"] == pytest.approx(2 / 3)
 
 
 def test_learning_rate_schedules_warm_up_then_decay():

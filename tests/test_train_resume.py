@@ -109,7 +109,7 @@ def test_lora_with_kl_to_base_tis_and_schedule(tmp_path: Path):
     assert (ckpt / "final" / "config.json").is_file()  # merged into a full HF model
     rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "loss/kl_ref" in r)
-    assert step["loss/kl_ref"] >= 0 and "loss/tis_weight_mean" in step and step["training/learning_rate"] > 0
+    assert step["loss/kl_ref"] >= 0 and "loss/tis_weight_mean" in step and step["train/learning_rate"] > 0
 
 
 class SigtermAtWarmStartBatch(JsonlLogger):
@@ -139,7 +139,7 @@ def test_sigterm_during_the_warm_start_stops_after_the_batch_in_progress(tmp_pat
         logger.close()
     assert result.interrupted and result.steps == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in rows if "warm_start/nll" in r) == 3
+    assert max(r["step"] for r in rows if "warm_start/loss" in r) == 3
     assert latest_checkpoint(run_dir) is None and not (run_dir / "checkpoints" / "warm_start").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

@@ -144,4 +144,4 @@ def test_without_workers_queued_rollouts_fail_after_the_queue_timeout(tmp_path):
     assert all("queue timed out after 0.3s" in t.error for t in trajectories)
     assert TaskQueue(store).counts() == {"queued": 0, "leased": 0, "done": 0, "failed": 4}
     _, metrics = apply_failure_policy(groups, "keep")
-    assert metrics["rollout/timeouts"] == 4 and metrics["groups/dropped_empty"] == 2
+    assert metrics["rollout/timeouts"] == 4 and metrics["train/groups_dropped_empty"] == 2

@@ -125,13 +125,19 @@ class TrackingConfig(_Section):
     """None: $MLFLOW_TRACKING_URI when set, else a SQLite store under output_dir."""
     experiment: str = "turnwise"
     progress: bool = True
-    """Rich progress bar in the terminal."""
+    """Rich progress bars when stdout is a terminal."""
     console: Literal["auto", "on", "off"] = "auto"
-    """A plain metrics line per step on stderr; auto: when stderr is not a terminal (CI logs, nohup)."""
+    """A plain line per RL step (and every tenth of the warm start) on stdout; auto: when stdout
+    is not a terminal (CI logs, nohup, `make demo > log.txt`)."""
     traces: bool = True
-    """Log every training rollout as an MLflow trace (a span per turn and per tool call)."""
+    """Log a sample of each step's rollouts as MLflow traces (a span per turn and per tool call)."""
+    traces_per_step: int | None = Field(2, ge=0)
+    """Groups per step logged as traces (all their rollouts); None: every group. Each step also
+    logs a table of all its rollouts (task, final output, expected, reward, verdict)."""
     log_checkpoints: bool = True
-    """Log checkpoint weights as MLflow artifacts."""
+    """Log checkpoint weights as MLflow artifacts (and register the final model)."""
+    register_model: str | None = None
+    """Registered-model name for the final checkpoint; None: `turnwise-<name>`."""
 
 
 class ApiKeyConfig(_Section):
@@ -190,7 +196,7 @@ class AsyncConfig(_Section):
     max_steps_off_policy: int = Field(0, ge=0)
     """0 = synchronous: every rollout of a step is sampled by the current weights. k > 0: sampling
     continues while the trainer updates; a group whose oldest token is more than k policy versions
-    behind the weights it would train is dropped (`async/dropped_stale`)."""
+    behind the weights it would train is dropped (`train/dropped_stale`)."""
 
 
 class EvalConfig(_Section):

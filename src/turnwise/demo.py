@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
         return report_interrupted(result)
     checkpoints = result.run_dir / "checkpoints"
     warm = checkpoints / "warm_start" if (checkpoints / "warm_start").is_dir() else "base"
+    tags = {"turnwise.train_run_id": summary["mlflow_run_id"]} if summary["mlflow_run_id"] else None
     comparison = compare(cfg, str(warm), str(checkpoints / "final"), result.run_dir / "eval",
-                         labels=("warm start", "RL"))
+                         labels=("warm start" if warm != "base" else "base", f"RL step {result.steps}"),
+                         mlflow_tags=tags)
     print()
     print(render_table(comparison))
     print()
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  validation reward after RL         : {fmt(result.val_reward_after_rl)}")
     print(f"  RL steps: {result.steps}   run: {result.run_dir}")
     print(f"  reward curve: {summary['reward_curve']}")
-    print(f"  MLflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    print(f"  MLflow: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}  (then 'Model training', top left)"
+          + (f"   registered model: {summary['registered_model']}" if summary.get("registered_model") else ""))
     # the demo grades with the agent's strict reward (final JSON and final database state); with
     # another grader, exact match is the grader's `<final_output>` comparison
     key = "eval/reward/mean" if cfg.eval.grader == "reward" else "eval/exact_match"

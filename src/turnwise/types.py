@@ -164,7 +164,7 @@ class Completion:
 
 class FailureKind(str, enum.Enum):
     """Why a rollout failed; carried with its message on every FAILED trajectory. Metrics and
-    eval count these (`rollout/failed/<kind>`, `eval/stop/<kind>`), never the message text."""
+    eval count these (`rollout/failed_<kind>`, `eval/stop/<kind>`), never the message text."""
 
     AGENT_ERROR = "agent_error"
     """The agent raised, or reported complete-rollout with status failed."""
@@ -187,7 +187,7 @@ class FailureKind(str, enum.Enum):
 
 
 class StopReason(str, enum.Enum):
-    """Why a trajectory or tool loop ended (the `rollout/stop/<reason>` metric)."""
+    """Why a trajectory or tool loop ended (the `rollout/stop_<reason>` metric)."""
 
     FINAL_ANSWER = "final_answer"
     """The model replied without calling a tool."""
@@ -252,6 +252,10 @@ class Turn:
     """The messages the agent sent for this turn."""
     prompt_plan: str = ""
     """Why the prompt was built as it was (a `runtime.capture.PlanReason` value: first, extends, rewritten, ...)."""
+    started_at: float = 0.0
+    """Wall-clock time (Unix seconds) the request for this turn reached the runtime; 0 when unknown."""
+    ended_at: float = 0.0
+    """Wall-clock time the sampled turn was recorded; 0 when unknown."""
 
 
 @dataclass(frozen=True)

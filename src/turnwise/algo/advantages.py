@@ -20,7 +20,7 @@ Conventions shared by every method (i indexes rollouts, g a group, k turns):
   advantage. (verl uses a baseline of 0 there, which turns the raw reward into the advantage.)
 - A group whose rewards are all equal gets exactly 0 (no floating-point residue) from every
   group-baselined method; the batch-whitened methods (`reinforce_pp*`) then shift it by the
-  batch mean like every other token. `analysis/zero_adv_groups` counts groups whose tokens all
+  batch mean like every other token. `train/zero_adv_groups` counts groups whose tokens all
   got advantage 0.
 - A NaN or infinite reward raises ValueError naming the trajectory.
 """
@@ -53,7 +53,7 @@ def get_advantage(name: str) -> AdvantageFn:
 def compute_advantages(
     name: str, rollouts: Sequence[ScoredRollout], opts: AdvantageOptions
 ) -> tuple[list[tuple[float, ...]], dict[str, float]]:
-    """Per-token advantages of each rollout (turns concatenated) and `analysis/*` metrics."""
+    """Per-token advantages of each rollout (turns concatenated) and `train/*` metrics."""
     fn = get_advantage(name)
     _check_options(opts)
     for r in rollouts:
@@ -353,12 +353,12 @@ def _metrics(rollouts: Sequence[ScoredRollout], adv_N: Sequence[np.ndarray]) -> 
     stats = (flat.mean(), flat.std(), flat.min(), flat.max(), np.count_nonzero(flat) / flat.size) \
         if flat.size else (0.0, 0.0, 0.0, 0.0, 0.0)
     return {
-        "analysis/zero_adv_groups": float(zero),
-        "analysis/num_groups": float(len(groups)),
-        "analysis/singleton_groups": float(sum(1 for idx in groups.values() if len(idx) == 1)),
-        "analysis/advantage_mean": float(stats[0]),
-        "analysis/advantage_std": float(stats[1]),
-        "analysis/advantage_min": float(stats[2]),
-        "analysis/advantage_max": float(stats[3]),
-        "analysis/advantage_nonzero_frac": float(stats[4]),
+        "train/zero_adv_groups": float(zero),
+        "train/num_groups": float(len(groups)),
+        "train/singleton_groups": float(sum(1 for idx in groups.values() if len(idx) == 1)),
+        "train/advantage_mean": float(stats[0]),
+        "train/advantage_std": float(stats[1]),
+        "train/advantage_min": float(stats[2]),
+        "train/advantage_max": float(stats[3]),
+        "train/advantage_nonzero_frac": float(stats[4]),
     }

@@ -162,9 +162,8 @@ def compute_loss(
     if weight is not None:
         loss_B_T = loss_B_T * weight
     loss = aggregate(loss_B_T, mask, opts.loss_agg_mode, opts.loss_agg_norm)
-    metrics["loss/policy"] = float(loss.detach())
-
-    if opts.kl_coef > 0:
+    if opts.kl_coef > 0:  # else the policy term is the whole loss (`loss/value`)
+        metrics["loss/policy"] = float(loss.detach())
         if ref_logprobs_B_T is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs_B_T (the reference policy's logprobs)")
         kl = aggregate(kl_penalty(logp, fixed(ref_logprobs_B_T), opts.kl_estimator), mask,

@@ -34,10 +34,10 @@ from turnwise.eval.stats import (
     metric_names,
     summarize,
 )
+from turnwise.eval.tracking import log_comparison, log_evaluation
 from turnwise.rollout.agent import AgentFn
 from turnwise.types import Task
 
-RUN_NAMES = {"base": "base-model-eval", "checkpoint": "fine-tuned-model-eval", "endpoint": "endpoint-model-eval"}
 LABELS = {"base": "base", "checkpoint": "fine-tuned", "endpoint": "endpoint"}
 
 
@@ -104,8 +104,12 @@ class ComparisonResult:
 
 def evaluate(cfg: JobConfig, model: str | ModelSpec, out_dir: str | Path, *, agent: AgentFn | None = None,
              resume: bool = False, label: str | None = None, endpoint_model: str | None = None,
-             apply_gate: bool = True) -> EvalResult:
-    """Evaluate one model on `data.test_path`; writes the evaluation directory and an MLflow run."""
+             apply_gate: bool = True, mlflow_tags: Mapping[str, str] | None = None) -> EvalResult:
+    """Evaluate one model on `data.test_path`; writes the evaluation directory and an MLflow run
+    named `eval: <label>` (`mlflow_tags`: extra run tags, e.g. the training run's id)."""
+    from turnwise.track import silence_third_party_bars
+
+    silence_third_party_bars()
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(model)
     out_dir = Path(out_dir)
     agent = agent or _load_agent(cfg)
@@ -134,12 +138,12 @@ def evaluate(cfg: JobConfig, model: str | ModelSpec, out_dir: str | Path, *, age
     result = EvalResult(model=spec, label=label, out_dir=out_dir, metrics=metrics, n_tasks=len(tasks),
                         group_size=G, grader=cfg.eval.grader, gate=checks, summary_path=out_dir / "summary.json",
                         report_path=out_dir / "report.md", tasks_path=tasks_path, mlflow_run_id=None, table=table)
-    plot_pass_curves(out_dir / "pass_at_k.png", {label: metrics})
+    plot_pass_curves(out_dir / "pass_at_k.png", {label: metrics}, f"{label}: pass@k and pass^k, {len(tasks)} tasks")
     failures = [(r.task_id, r.error) for rs in per_task for r in rs if r.error][:10]
     result.report_path.write_text(markdown_report(
         f"Evaluation: {label}", render_table(result), "pass_at_k.png", _details(cfg, spec, meta), failures))
-    run_id = _log_mlflow(cfg, RUN_NAMES[spec.kind], metrics, meta, [result.report_path, out_dir / "pass_at_k.png",
-                                                                      tasks_path])
+    run_id = log_evaluation(cfg, label, str(spec), metrics, meta,
+                            [result.report_path, out_dir / "pass_at_k.png", tasks_path], mlflow_tags)
     result = EvalResult(**{**vars(result), "mlflow_run_id": run_id})
     _write_summary(result)
     return result
@@ -147,9 +151,10 @@ def evaluate(cfg: JobConfig, model: str | ModelSpec, out_dir: str | Path, *, age
 
 def compare(cfg: JobConfig, a: str | ModelSpec, b: str | ModelSpec, out_dir: str | Path, *,
             agent: AgentFn | None = None, resume: bool = False, endpoint_model: str | None = None,
-            labels: tuple[str, str] | None = None) -> ComparisonResult:
+            labels: tuple[str, str] | None = None, mlflow_tags: Mapping[str, str] | None = None) -> ComparisonResult:
     """Evaluate A and B (into `out_dir/a`, `out_dir/b`) and compare them; the gate applies to B.
-    `labels` names the two columns (default: by kind, e.g. base / fine-tuned)."""
+    `labels` names the two columns (default: by kind, e.g. base / fine-tuned) and the MLflow runs
+    (`eval: A`, `eval: B`, `compare: A vs B`, each tagged with `mlflow_tags`)."""
     out_dir = Path(out_dir)
     spec_a = a if isinstance(a, ModelSpec) else ModelSpec.parse(a)
     spec_b = b if isinstance(b, ModelSpec) else ModelSpec.parse(b)
@@ -160,16 +165,17 @@ def compare(cfg: JobConfig, a: str | ModelSpec, b: str | ModelSpec, out_dir: str
         label_a, label_b = f"A ({label_a})", f"B ({label_b})"
     agent = agent or _load_agent(cfg)
     ra = evaluate(cfg, spec_a, out_dir / "a", agent=agent, resume=resume, label=label_a,
-                  endpoint_model=endpoint_model, apply_gate=False)
+                  endpoint_model=endpoint_model, apply_gate=False, mlflow_tags=mlflow_tags)
     rb = evaluate(cfg, spec_b, out_dir / "b", agent=agent, resume=resume, label=label_b,
-                  endpoint_model=endpoint_model, apply_gate=False)
+                  endpoint_model=endpoint_model, apply_gate=False, mlflow_tags=mlflow_tags)
     deltas = compare_tables(ra.table, rb.table, ks, samples=cfg.eval.bootstrap_samples,
                             confidence=cfg.eval.confidence, seed=cfg.seed)
     checks = tuple(_gate(cfg.eval.gate, rb.metrics, deltas))
     result = ComparisonResult(a=ra, b=rb, deltas=deltas, confidence=cfg.eval.confidence, gate=checks,
                               out_dir=out_dir, summary_path=out_dir / "comparison.json",
                               report_path=out_dir / "report.md")
-    plot_pass_curves(out_dir / "pass_at_k.png", {label_a: ra.metrics, label_b: rb.metrics})
+    plot_pass_curves(out_dir / "pass_at_k.png", {label_a: ra.metrics, label_b: rb.metrics},
+                     f"{label_a} vs {label_b}: pass@k and pass^k, {ra.n_tasks} tasks")
     table = render_comparison(label_a, label_b, deltas, cfg.eval.confidence, gate=checks)
     failures = [(f"{label_b}: {r.task_id}", r.error) for rs in _read_done(rb.tasks_path)[0].values()
                 for r in rs if r.error][:10]
@@ -184,6 +190,8 @@ def compare(cfg: JobConfig, a: str | ModelSpec, b: str | ModelSpec, out_dir: str
         "deltas": {m: asdict(d) for m, d in deltas.items()}, "confidence": cfg.eval.confidence,
         "gate": [asdict(c) for c in checks], "passed": result.passed,
         "report": str(result.report_path)}, indent=2))
+    log_comparison(cfg, label_a, label_b, deltas, cfg.eval.confidence, (ra.mlflow_run_id, rb.mlflow_run_id),
+                   [result.report_path, out_dir / "pass_at_k.png"], mlflow_tags)
     return result
 
 
@@ -324,24 +332,6 @@ def _details(cfg: JobConfig, spec: ModelSpec, meta: Mapping[str, Any]) -> dict[s
     return {"model": f"{spec.kind} {spec.target or cfg.model.path or '(built-in tiny model)'}",
             "tasks": cfg.data.test_path, "trials per task": meta["group_size"], "grader": meta["grader"],
             "sampling": meta["inference_params"], "success": f"score >= {cfg.success_threshold:g}"}
-
-
-def _log_mlflow(cfg: JobConfig, run_name: str, metrics: Mapping[str, float], meta: Mapping[str, Any],
-                artifacts: Sequence[Path]) -> str | None:
-    if not cfg.tracking.mlflow:
-        return None
-    from turnwise.track import MlflowLogger, default_tracking_uri, flatten_params
-
-    logger = MlflowLogger(default_tracking_uri(cfg.output_dir, cfg.tracking.tracking_uri),
-                          cfg.tracking.experiment, run_name)
-    try:
-        logger.log_params(flatten_params({"eval": dict(meta)}))
-        logger.log_metrics(metrics, 0)
-        for path in artifacts:
-            logger.log_artifact(path)
-    finally:
-        logger.close()
-    return logger.run_id
 
 
 def _write_summary(r: EvalResult) -> None:

@@ -62,24 +62,33 @@ def _caption(r: EvalResult) -> str:
     return f"{r.n_tasks} tasks x {r.group_size} trials, grader {r.grader}"
 
 
-def plot_pass_curves(path: Path, curves: Mapping[str, Mapping[str, float]]) -> Path:
-    """pass@k (solid) and pass^k (dashed) against k, one colour per model."""
+def plot_pass_curves(path: Path, curves: Mapping[str, Mapping[str, float]], title: str = "") -> Path:
+    """pass@k (solid) and pass^k (dashed) against k, one colour and marker per model; k on a log
+    scale labelled with the plain numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ks: set[int] = set()
     for i, (label, metrics) in enumerate(curves.items()):
         for kind, style, name in (("at", "-", "pass@k"), ("hat", "--", "pass^k")):
             pts = sorted((int(m.group(2)), v) for n, v in metrics.items()
                          if (m := _K_RE.match(n)) and m.group(1) == kind)
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=f"{label} {name}")
+                ks |= {k for k, _ in pts}
+                ax.plot(*zip(*pts, strict=True), style, marker="osD^v"[i % 5], markersize=6, linewidth=1.8,
+                        color=f"C{i}", label=f"{label}: {name}", alpha=0.9)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (trials)")
+    ax.xaxis.set_minor_locator(NullLocator())
+    if ks:
+        ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.set_xlabel("k (trials per task)")
     ax.set_ylabel("probability")
     ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title or "pass@k (any of k trials passes) and pass^k (all k pass)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,6 +134,7 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
     `on_plan(plan, turn index)` runs before sampling; `on_token(id, logprob)` for every token as
     the sampler produces it (from the sampler's thread), when the sampler supports it. A sampler
     whose `generate` takes `context` gets a `SampleContext` (trajectory, task, turn)."""
+    started_at = time.time()
     constrained = constraint_params(rt, body)
     messages = body.to_messages()
     tools = body.tool_dicts()
@@ -171,7 +173,7 @@ async def sample_turn(rt: Runtime, store: TrajectoryStore, trajectory_id: str, b
                 logprobs=tuple(completion.logprobs), version=completion.version,
                 finish_reason=completion.finish_reason, message=message, tool_parse_error=tool_parse_error,
                 reused_prompt_tokens=plan.reused_prompt_tokens, request_messages=messages,
-                prompt_plan=plan.reason.value)
+                prompt_plan=plan.reason.value, started_at=started_at)
     try:
         turn = store.append_turn(trajectory_id, turn, prefill_tokens=prefill)
     except TransitionError as e:  # completed while this turn was being sampled

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS turns (
     prefill_tokens INTEGER NOT NULL,
     created_at REAL NOT NULL,
     prompt_plan TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, trajectory_id, idx)
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -109,6 +110,7 @@ def _turn(row: sqlite3.Row) -> Turn:
         finish_reason=FinishReason(row["finish_reason"]), message=_message(row["message"]),
         tool_parse_error=bool(row["tool_parse_error"]), reused_prompt_tokens=row["reused_prompt_tokens"],
         request_messages=as_messages(json.loads(row["request_messages"])), prompt_plan=row["prompt_plan"],
+        started_at=row["started_at"], ended_at=row["created_at"],
     )
 
 
@@ -137,3 +139,5 @@ class _Db:
             turn_columns = {r["name"] for r in self.conn.execute("PRAGMA table_info(turns)")}
             if "prompt_plan" not in turn_columns:  # a store written before turns recorded their prompt plan
                 self.conn.execute("ALTER TABLE turns ADD COLUMN prompt_plan TEXT NOT NULL DEFAULT ''")
+            if "started_at" not in turn_columns:  # a store written before turns recorded when they began
+                self.conn.execute("ALTER TABLE turns ADD COLUMN started_at REAL NOT NULL DEFAULT 0")

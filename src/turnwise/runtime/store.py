@@ -202,15 +202,15 @@ class TrajectoryStore:
                 row = self._status(conn, trajectory_id)  # raises UnknownTrajectory
                 raise TransitionError(f"trajectory {trajectory_id!r} is {row['status']}: not in valid status "
                                       f"for a new turn (needs in_progress)")
-            turn = replace(turn, index=counted[0] - 1)
+            turn = replace(turn, index=counted[0] - 1, ended_at=now)
             conn.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.job_id, trajectory_id, turn.index, _ids_blob(turn.prompt_ids),
                  _ids_blob(turn.completion_ids), _floats_blob(turn.logprobs), turn.version,
                  FinishReason(turn.finish_reason).value, json.dumps(turn.message.to_openai()),
                  int(turn.tool_parse_error), turn.reused_prompt_tokens,
                  json.dumps([m.to_openai() for m in turn.request_messages]), prefill_tokens, now,
-                 turn.prompt_plan))
+                 turn.prompt_plan, turn.started_at))
         return turn
 
     def complete(self, trajectory_id: str, status: TrajectoryStatus | str, *, error: str | None = None,

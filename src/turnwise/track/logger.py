@@ -1,6 +1,6 @@
-"""One `Logger` interface with console, JSONL and MLflow backends.
+"""One `Logger` interface with JSONL and MLflow backends (what a run prints is `train.progress`).
 
-Keys are slash-namespaced (`rollout/reward/mean`; the table is `turnwise.track.names`). The
+Keys are slash-namespaced (`reward/mean`; the table is `turnwise.track.names`). The
 trainer talks to a `MultiLogger` and never to a backend directly, so adding a backend touches no
 training code: metrics, params, artifacts, checkpoints and rollout traces all go through it.
 Non-finite values are recorded as they are (JSON `NaN` / `Infinity`, MLflow's NaN), never dropped:
@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol
+
+from turnwise.track.traces import TraceOptions
 
 if TYPE_CHECKING:
     from turnwise.types import Group
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 class Logger(Protocol):
@@ -28,7 +31,7 @@ class Logger(Protocol):
         """A checkpoint directory (`path`), filed under `checkpoints/<name>`."""
         ...
     def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
-        """A step's rollouts, for browsing (MLflow traces)."""
+        """A step's rollouts, for browsing (MLflow: a table of all, traces of a sample)."""
         ...
     def close(self) -> None: ...
 
@@ -36,37 +39,6 @@ class Logger(Protocol):
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric values (bools and strings left out), NaN and infinities kept."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-class ConsoleLogger:
-    """One plain line per logged step (for logs that are not a terminal, where bars stay silent)."""
-
-    KEYS = ("rollout/reward/mean", "rollout/pass_rate", "val/reward/mean", "loss/value",
-            "throughput/tokens_per_s", "time/step")
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        shown = [f"{k.split('/', 1)[-1] if k.startswith('rollout/') else k} {v:.4g}"
-                 for k, v in _numbers(metrics).items() if k in self.KEYS]
-        if shown:
-            print(f"step {step}: " + ", ".join(shown), file=self.stream, flush=True)
-
-    def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
-        pass
-
-    def log_checkpoint(self, path: Path, name: str) -> None:
-        print(f"checkpoint {name}: {path}", file=self.stream, flush=True)
-
-    def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class JsonlLogger:
@@ -98,10 +70,15 @@ class JsonlLogger:
 
 
 class MlflowLogger:
-    """Logs to MLflow through an explicit client and run id (no global fluent state)."""
+    """Logs to MLflow through an explicit client and run id (no global fluent state).
+
+    `tags` and `description` (the run page's note) say what the run is; `artifact_location`
+    is where a new experiment keeps its artifacts (None: the tracking server's default)."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, *, traces: bool = True,
-                 log_checkpoints: bool = True) -> None:
+                 trace_options: TraceOptions | None = None, log_checkpoints: bool = True,
+                 tags: Mapping[str, str] | None = None, description: str | None = None,
+                 artifact_location: str | None = None) -> None:
         import logging
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -111,10 +88,14 @@ class MlflowLogger:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location,
+            tags={EXPERIMENT_KIND: "custom_model_development"})  # a training experiment, not a GenAI app's
+        run_tags = dict(tags or {}) | ({"mlflow.note.content": description} if description else {})
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
         self.experiment_id = experiment_id
         self.traces = traces
+        self.trace_options = trace_options or TraceOptions()
         self.log_checkpoints = log_checkpoints
         self._traced = False
 
@@ -140,15 +121,29 @@ class MlflowLogger:
 
     def log_checkpoint(self, path: Path, name: str) -> None:
         if self.log_checkpoints:
-            for f in sorted(path.iterdir()):
-                if f.is_file():
-                    self.log_artifact(f, f"checkpoints/{name}")
+            self.client.log_artifacts(self.run_id, str(path), f"checkpoints/{name}")
+
+    def register_model(self, name: str, checkpoint: str) -> int | None:
+        """A new version of registered model `name` from the logged `checkpoints/<checkpoint>`
+        (a Hugging Face directory); its number. Load it back with `load_registered_model`."""
+        if not self.log_checkpoints:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="turnwise policies (Hugging Face directories)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, f"runs:/{self.run_id}/checkpoints/{checkpoint}",
+                                                   run_id=self.run_id)
+        self.client.set_tag(self.run_id, "turnwise.registered_model", f"models:/{name}/{version.version}")
+        return int(version.version)
 
     def log_rollouts(self, step: int, groups: Sequence[Group]) -> None:
-        if self.traces:
-            from turnwise.track.traces import log_traces
+        from turnwise.track.traces import log_step
 
-            log_traces(self.client, self.experiment_id, self.run_id, step, groups)
+        if log_step(self.client, self.experiment_id, self.run_id, step, groups, self.trace_options, self.traces):
             self._traced = True
 
     def close(self) -> None:
@@ -202,6 +197,35 @@ def default_tracking_uri(output_dir: str | Path, configured: str | None) -> str:
     path = Path(output_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def default_artifact_location(output_dir: str | Path, configured: str | None) -> str | None:
+    """Where a new experiment of the default store keeps artifacts: `output_dir/mlartifacts`
+    (MLflow's own default is `./mlruns` in the working directory); None with another store."""
+    if configured or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (Path(output_dir).resolve() / "mlartifacts").as_uri()
+
+
+def load_registered_model(uri: str, tracking_uri: str | None = None) -> tuple[Any, Any]:
+    """`(model, tokenizer)` of a registered version (`models:/NAME/VERSION` or `models:/NAME/latest`)."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def silence_third_party_bars() -> None:
+    """No tqdm bars from transformers, huggingface_hub or MLflow in this process: a training or
+    evaluation job prints its own progress, and theirs would add lines that say nothing."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, object]:

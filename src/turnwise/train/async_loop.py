@@ -7,7 +7,7 @@ Same steps as `loop.py` (it runs `step.learn` and `step.end_step`), scheduled di
   straggler no longer holds the step: it lands in a later batch;
 - a group's staleness is the current policy version minus the version of its oldest token
   (every token records the version that sampled it); a group staler than k is dropped and
-  counted (`async/dropped_stale`), its slot refilled from the stream;
+  counted (`train/dropped_stale`), its slot refilled from the stream;
 - while the learner steps (in a worker thread), the event loop keeps running agents with the
   previous weights; the new weights reach the sampler between two decode steps.
 The loss's importance ratio is taken against the sampler's logprobs, so off-policy tokens are
@@ -85,8 +85,8 @@ async def _steps(run: Run) -> int:
             t_sample = time.perf_counter() - t0
             step += 1
             metrics = await asyncio.to_thread(learn, run, batch, step)
-            metrics |= {"time/sample": t_sample, "training/epoch": max(epochs),
-                        "async/dropped_stale": float(len(dropped)), "async/in_flight": float(len(in_flight))}
+            metrics |= {"speed/sample_s": t_sample, "train/epoch": max(epochs),
+                        "train/dropped_stale": float(len(dropped)), "train/in_flight": float(len(in_flight))}
             await asyncio.to_thread(end_step, run, step, batch, metrics, t0)
     finally:
         for t in list(in_flight):

@@ -120,8 +120,8 @@ class LocalBackend:
             metrics = {**metrics, "loss/value": float(loss.detach())}
             if loss_fn != "cross_entropy":
                 diff = (logprobs.detach() - t["sampler_logprobs_B_T"]).abs() * t["mask_B_T"]
-                metrics["mismatch/logprob_abs_diff"] = float(diff.sum() / t["mask_B_T"].sum().clamp(min=1))
-                metrics["mismatch/logprob_abs_diff/max"] = float(diff.max())
+                metrics["train/logprob_mismatch"] = float(diff.sum() / t["mask_B_T"].sum().clamp(min=1))
+                metrics["train/logprob_mismatch_max"] = float(diff.max())
             parts.append((metrics, size / total))
         self.model.eval()
         return reduce_micro_batches(parts)
@@ -134,7 +134,7 @@ class LocalBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._changed = True
-        return {"loss/grad_norm": float(grad_norm), "training/learning_rate": adam.learning_rate}
+        return {"loss/grad_norm": float(grad_norm), "train/learning_rate": adam.learning_rate}
 
     def save_weights_for_sampler(self) -> int:
         if self._changed:

@@ -67,13 +67,13 @@ def train(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) 
             kept, metrics = score(run, groups)
             # 3-4. advantages within each group, token-exact datums
             datums, adv_metrics = groups_to_datums(kept, cfg.advantage_method, cfg.advantage_options())
-            metrics |= adv_metrics | train_counts(kept) | {"training/total_tokens": 0.0}
+            metrics |= adv_metrics | train_counts(kept) | {"train/tokens": 0.0}
             if datums:
                 # 5. forward_backward + optim_step, num_substeps times
                 metrics |= optimize(run, datums, step)
                 # 6. the new weights to the sampler
-                metrics["training/policy_version"] = float(run.backend.save_weights_for_sampler())
-            metrics |= {"time/sample": t1 - t0, "time/train": time.perf_counter() - t1, "training/epoch": epoch}
+                metrics["train/policy_version"] = float(run.backend.save_weights_for_sampler())
+            metrics |= {"speed/sample_s": t1 - t0, "speed/train_s": time.perf_counter() - t1, "train/epoch": epoch}
             # 7. log, validate, checkpoint
             end_step(run, step, groups, metrics, t0)
             if run.stop.received:

@@ -3,15 +3,15 @@
 Failure policy: a rollout that raised, timed out, or made no model call is FAILED and never
 trains. Its group is then incomplete: `incomplete_groups: keep` trains the other members
 (advantages among them), `drop` leaves the whole group out. A group with no usable member is
-always dropped. Every decision is counted (`rollout/failed`, `rollout/failed/<kind>` per
-`FailureKind`, `rollout/timeouts` (retried attempts included), `rollout/retries`, `groups/incomplete`,
-`groups/dropped_incomplete`, `groups/dropped_empty`). Rollout timeouts
+always dropped. Every decision is counted (`rollout/failed`, `rollout/failed_<kind>` per
+`FailureKind`, `rollout/timeouts` (retried attempts included), `rollout/retries`, `train/groups_incomplete`,
+`train/groups_dropped_incomplete`, `train/groups_dropped_empty`). Rollout timeouts
 (`agent.rollout_timeout`) bound every rollout, and with pull workers `agent.queue_timeout` bounds
 the wait for a worker, so a step cannot hang on an agent or on workers that never come.
 
 Agent-reported numbers (`RolloutResult.metrics`, with or without a `rollout/` prefix) aggregate
-as `rollout/tool_calls/mean`, `rollout/tool_errors/frac` (errors / calls), `rollout/stop/<reason>`
-(fraction of rollouts), and `rollout/<name>/mean` for any other name. Without a report, tool
+as `rollout/tool_calls`, `rollout/tool_error_frac` (errors / calls), `rollout/stop_<reason>`
+(fraction of rollouts), and `rollout/<name>` (the mean) for any other name. Without a report, tool
 calls are counted from the recorded turns and the stop reason is the last turn's finish reason.
 """
 
@@ -43,7 +43,7 @@ def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Gro
                 counts["dropped_incomplete"] += 1
                 continue
         kept.append(g)
-    metrics = {f"groups/{k}": float(v) for k, v in counts.items()}
+    metrics = {f"train/groups_{k}": float(v) for k, v in counts.items()}
     kinds = Counter(r.trajectory.failure or FailureKind.AGENT_ERROR for r in failed)
     retried = Counter(k for r in rollouts for k in r.retried)
     timeouts = (FailureKind.AGENT_TIMEOUT, FailureKind.QUEUE_TIMEOUT)
@@ -51,8 +51,8 @@ def apply_failure_policy(groups: Sequence[Group], policy: str) -> tuple[list[Gro
                 "rollout/timeouts": float(sum(kinds[k] + retried[k] for k in timeouts)),
                 "rollout/retries": float(retried.total()),
                 "rollout/failed_frac": len(failed) / max(1, len(rollouts)),
-                "groups/kept": float(len(kept))}
-    metrics |= {f"rollout/failed/{k.value}": float(n) for k, n in kinds.items()}
+                "train/groups_kept": float(len(kept))}
+    metrics |= {f"rollout/failed_{k.value}": float(n) for k, n in kinds.items()}
     return kept, metrics
 
 
@@ -81,28 +81,29 @@ def rollout_metrics(groups: Sequence[Group], success_threshold: float) -> dict[s
     valid = [r.trajectory.reward for r in ok]
     turns = [t for r in ok for t in r.trajectory.turns]
     out = {
-        "rollout/reward/mean": float(np.mean(rewards)) if rewards else 0.0,
-        "rollout/reward/valid_mean": float(np.mean(valid)) if valid else 0.0,
-        "rollout/reward/zero_frac": float(np.mean([v == 0 for v in valid])) if valid else 0.0,
-        "rollout/pass_rate": float(np.mean([v >= success_threshold for v in rewards])) if rewards else 0.0,
-        "rollout/turns/mean": float(np.mean([len(r.trajectory.turns) for r in ok])) if ok else 0.0,
-        "rollout/tokens/response_max": float(max((len(t.completion_ids) for t in turns), default=0)),
-        "rollout/tokens/response_mean": float(np.mean([len(t.completion_ids) for t in turns])) if turns else 0.0,
+        "reward/mean": float(np.mean(rewards)) if rewards else 0.0,
+        "reward/zero_frac": float(np.mean([v == 0 for v in valid])) if valid else 0.0,
+        "reward/pass_rate": float(np.mean([v >= success_threshold for v in rewards])) if rewards else 0.0,
+        "rollout/turns": float(np.mean([len(r.trajectory.turns) for r in ok])) if ok else 0.0,
+        "rollout/response_tokens_max": float(max((len(t.completion_ids) for t in turns), default=0)),
+        "rollout/response_tokens": float(np.mean([len(t.completion_ids) for t in turns])) if turns else 0.0,
         "rollout/tool_parse_errors": float(sum(t.tool_parse_error for t in turns)),
-        "usage/sample_tokens": float(sum(len(t.completion_ids) for t in turns)),
-        "usage/prefill_tokens": float(sum(len(t.prompt_ids) - t.reused_prompt_tokens for t in turns)),
-        "time/rollout/mean": float(np.mean([r.seconds for r in rollouts])) if rollouts else 0.0,
-        "time/rollout/max": float(max((r.seconds for r in rollouts), default=0.0)),
+        "rollout/sample_tokens": float(sum(len(t.completion_ids) for t in turns)),
+        "rollout/prefill_tokens": float(sum(len(t.prompt_ids) - t.reused_prompt_tokens for t in turns)),
+        "speed/rollout_s": float(np.mean([r.seconds for r in rollouts])) if rollouts else 0.0,
+        "speed/rollout_s_max": float(max((r.seconds for r in rollouts), default=0.0)),
     }
+    if valid and len(valid) < len(rewards):  # equal to reward/mean when nothing failed
+        out["reward/valid_mean"] = float(np.mean(valid))
     for reason in sorted({t.prompt_plan for t in turns if t.prompt_plan}):  # re-rendered prompts start segments
-        out[f"rollout/prompt_plan/{reason}"] = float(sum(t.prompt_plan == reason for t in turns))
+        out[f"rollout/prompt_plan_{reason}"] = float(sum(t.prompt_plan == reason for t in turns))
     reported = [agent_metrics(r) for r in rollouts]
     calls = sum(m["tool_calls"] for m in reported)
-    out["rollout/tool_calls/mean"] = calls / max(1, len(reported))
-    out["rollout/tool_errors/frac"] = sum(m["tool_errors"] for m in reported) / calls if calls else 0.0
+    out["rollout/tool_calls"] = calls / max(1, len(reported))
+    out["rollout/tool_error_frac"] = sum(m["tool_errors"] for m in reported) / calls if calls else 0.0
     for key in sorted({k for m in reported for k in m}):
         if key.startswith("stop/"):
-            out[f"rollout/{key}"] = sum(m.get(key, 0.0) for m in reported) / max(1, len(reported))
+            out[f"rollout/{key.replace('/', '_')}"] = sum(m.get(key, 0.0) for m in reported) / max(1, len(reported))
         elif key not in ("tool_calls", "tool_errors", "turns"):
-            out[f"rollout/{key}/mean"] = float(np.mean([m.get(key, 0.0) for m in reported]))
+            out[f"rollout/{key.replace('/', '_')}"] = float(np.mean([m.get(key, 0.0) for m in reported]))
     return out

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from turnwise.rollout.push import AgentUnavailable
 from turnwise.rollout.runtime import EmbeddedRuntime
 from turnwise.rollout.tasks import load_tasks
 from turnwise.track import Logger
+from turnwise.track.traces import final_output, verdict
 from turnwise.train.backend import LocalBackend, lr_lambda
 from turnwise.train.checkpoint import (
     StopSignals,
@@ -104,7 +106,7 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
     warm_dir = run_dir / "checkpoints" / "warm_start"
     base = str(warm_dir) if resume is not None and warm_dir.is_dir() else None
     with EmbeddedRuntime(cfg, run_dir, job_id=run_dir.name, model_path=base) as rt, StopSignals() as stop:
-        progress = Progress(total_steps, enabled=cfg.tracking.progress)
+        progress = make_progress(cfg, total_steps)
         try:
             # 0. warm start (fresh runs only), then LoRA adapters
             if resume is None and cfg.warm_start.demos_path and cfg.warm_start.epochs > 0:
@@ -134,6 +136,7 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
             backend.save_weights_for_sampler()
             if resume is None:
                 run.val_before = validate(run, step=0)
+                progress.validated(0, run.val_before)
             else:
                 restore_rng(state["rng"])
             progress.start_rl(run.start_step)
@@ -167,8 +170,8 @@ def score(run: Run, groups: Sequence[Group]) -> tuple[list[Group], dict[str, flo
     kept, metrics = apply_failure_policy(groups, run.cfg.incomplete_groups)
     stale = [staleness(g, run.backend.version) for g in kept]  # versions behind the weights that train
     return kept, metrics | rollout_metrics(groups, run.cfg.success_threshold) | {
-        "async/staleness/mean": float(np.mean(stale)) if stale else 0.0,
-        "async/staleness/max": float(max(stale, default=0))}
+        "train/staleness": float(np.mean(stale)) if stale else 0.0,
+        "train/staleness_max": float(max(stale, default=0))}
 
 
 def optimize(run: Run, datums_D: Sequence[Datum], step: int) -> dict[str, float]:
@@ -185,7 +188,7 @@ def optimize(run: Run, datums_D: Sequence[Datum], step: int) -> dict[str, float]
         metrics = run.backend.forward_backward(datums_D, cfg.loss_fn, cfg.loss_options())
         metrics |= run.backend.optim_step(adam_params(cfg, cfg.learning_rate * schedule(n)))
     tokens = sum(len(d.segment.tokens_T) for d in datums_D) * cfg.num_substeps
-    return metrics | {"training/total_tokens": float(tokens)}
+    return metrics | {"train/tokens": float(tokens)}
 
 
 def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
@@ -195,15 +198,15 @@ def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
     t1 = time.perf_counter()
     kept, metrics = score(run, groups)
     datums, adv_metrics = groups_to_datums(kept, run.cfg.advantage_method, run.cfg.advantage_options())
-    metrics |= adv_metrics | train_counts(kept) | {"training/total_tokens": 0.0}
+    metrics |= adv_metrics | train_counts(kept) | {"train/tokens": 0.0}
     if datums:
         metrics |= optimize(run, datums, step)
-        metrics["training/policy_version"] = float(run.backend.save_weights_for_sampler())
-    return metrics | {"time/train": time.perf_counter() - t1}
+        metrics["train/policy_version"] = float(run.backend.save_weights_for_sampler())
+    return metrics | {"speed/train_s": time.perf_counter() - t1}
 
 
 def train_counts(kept: Sequence[Group]) -> dict[str, float]:
-    return {"training/num_trajectories": float(sum(usable(r) for g in kept for r in g.rollouts_G))}
+    return {"train/trajectories": float(sum(usable(r) for g in kept for r in g.rollouts_G))}
 
 
 def adam_params(cfg: JobConfig, learning_rate: float) -> AdamParams:
@@ -214,17 +217,20 @@ def adam_params(cfg: JobConfig, learning_rate: float) -> AdamParams:
 def end_step(run: Run, step: int, groups: Sequence[Group], metrics: dict[str, float], t0: float) -> None:
     """Step 7: metrics, rollouts (JSONL, traces), progress, validation, checkpoint."""
     cfg = run.cfg
-    metrics.setdefault("async/dropped_stale", 0.0)
-    metrics["time/step"] = time.perf_counter() - t0
-    metrics["throughput/tokens_per_s"] = (metrics.get("usage/sample_tokens", 0.0)
-                                          + metrics.get("training/total_tokens", 0.0)) / max(metrics["time/step"], 1e-9)
+    metrics.setdefault("train/dropped_stale", 0.0)
+    metrics["speed/step_s"] = time.perf_counter() - t0
+    metrics["speed/tokens_per_s"] = (metrics.get("rollout/sample_tokens", 0.0)
+                                          + metrics.get("train/tokens", 0.0)) / max(metrics["speed/step_s"], 1e-9)
+    write_rollouts(run.run_dir / "rollouts" / f"step_{step:05d}.jsonl", groups, cfg.eval.answer_key,
+                   cfg.success_threshold)
+    t_log = time.perf_counter()
+    run.logger.log_rollouts(step, groups)  # MLflow: a table of all, traces of a sample
+    metrics["speed/log_rollouts_s"] = time.perf_counter() - t_log
     run.logger.log_metrics(metrics, step)
-    path = write_rollouts(run.run_dir / "rollouts" / f"step_{step:05d}.jsonl", groups)
-    run.logger.log_artifact(path, "rollouts")
-    run.logger.log_rollouts(step, groups)
-    run.progress.update(step, metrics.get("rollout/reward/mean", 0.0), metrics.get("rollout/pass_rate", 0.0))
+    val = None
     if cfg.val_every and step % cfg.val_every == 0 and step < run.total_steps:
-        validate(run, step)
+        val = validate(run, step)
+    run.progress.update(step, metrics, val)
     run.last_step = step
     if should_save(run, step) or run.stop.received is not None:
         save_state(run, step)
@@ -245,6 +251,7 @@ def finish(run: Run, step: int) -> TrainResult:
     val_after = None
     if not interrupted:
         val_after = validate(run, step) if step > run.start_step else run.val_before
+        run.progress.validated(step, val_after)
         if step > run.saved_step:
             save_state(run, step)
         final = run.run_dir / "checkpoints" / "final"
@@ -260,6 +267,7 @@ def save_state(run: Run, step: int) -> Path:
     path = save_trainer_checkpoint(run.run_dir, step, run.backend,
                                    {"val_before": run.val_before, "next_data_step": step, "saved_at": time.time()})
     run.logger.log_checkpoint(path / "model", path.name)
+    run.progress.note(f"checkpoint {path.name}: {path}")
     run.saved_step, run.saved_at, run.checkpoint_seconds = step, time.monotonic(), time.monotonic() - t0
     return path
 
@@ -285,36 +293,47 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
             metrics = backend.forward_backward(datums[start:start + ws.batch_size], "cross_entropy", options)
             metrics |= backend.optim_step(adam_params(cfg, ws.learning_rate * schedule(k)))
             k += 1
-            logger.log_metrics({f"warm_start/{k_.split('/')[-1]}": v for k_, v in metrics.items()}, k)
+            logger.log_metrics({"warm_start/loss": metrics["loss/value"], "warm_start/grad_norm": metrics["loss/grad_norm"]}, k)
             progress.update_warm_start(k, metrics.get("loss/value", 0.0))
             if stop.received:
                 return False
     return True
 
 
+def make_progress(cfg: JobConfig, total_steps: int) -> Progress:
+    """Rich bars on a terminal (`tracking.progress`), plain lines elsewhere (`tracking.console`)."""
+    tty = sys.stdout.isatty()
+    console = cfg.tracking.console
+    return Progress(total_steps, bars=cfg.tracking.progress and tty,
+                    lines=console == "on" or (console == "auto" and not tty))
+
+
 def validate(run: Run, step: int) -> float | None:
-    """Temperature-0 rollouts on the validation set: `val/reward/mean` and `val/reward/pass_at_{k}`."""
+    """Temperature-0 rollouts on the validation set: `reward/val` and `reward/val_pass_at_{k}`."""
     cfg, tasks = run.cfg, run.val_tasks
     if not tasks:
         return None
     groups = run.rt.run(run.dispatcher.run_groups(tasks, cfg.val_group_size, cfg.inference_params(greedy=True)))
     metrics = validation_metrics(cfg, groups)
     run.logger.log_metrics(metrics, step)
-    return metrics["val/reward/mean"]
+    return metrics["reward/val"]
 
 
 def validation_metrics(cfg: JobConfig, groups: Sequence[Group]) -> dict[str, float]:
     rewards = [r.trajectory.reward if usable(r) else 0.0 for g in groups for r in g.rollouts_G]
-    metrics = {"val/reward/mean": float(np.mean(rewards))}
+    metrics = {"reward/val": float(np.mean(rewards))}
     successes = [sum(usable(r) and r.trajectory.reward >= cfg.success_threshold for r in g.rollouts_G)
                  for g in groups]
     for k in cfg.pass_k_values:
         if k <= cfg.val_group_size:
-            metrics[f"val/reward/pass_at_{k}"] = mean_pass_at_k(successes, cfg.val_group_size, k)
+            metrics[f"reward/val_pass_at_{k}"] = mean_pass_at_k(successes, cfg.val_group_size, k)
     return metrics
 
 
-def write_rollouts(path: Path, groups: Sequence[Group]) -> Path:
+def write_rollouts(path: Path, groups: Sequence[Group], answer_key: str = "answer",
+                   success_threshold: float = 1.0) -> Path:
+    """One JSON line per rollout (what `turnwise show` reads): outcome, verdict, final output beside
+    the task's expected answer (`answer_key`), and the last turn's whole conversation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for g in groups:
@@ -326,6 +345,8 @@ def write_rollouts(path: Path, groups: Sequence[Group]) -> Path:
                 f.write(json.dumps({"task_id": g.task.id, "trajectory_id": traj.id, "status": traj.status.value,
                                     "rewards": list(traj.rewards), "error": traj.error,
                                     "failure": traj.failure.value if traj.failure else None,
+                                    "verdict": verdict(r, success_threshold), "final_output": final_output(r),
+                                    "expected": g.task.row.get(answer_key),
                                     "turns": len(traj.turns), "versions": [t.version for t in traj.turns],
                                     "metrics": dict(r.metrics), "messages": messages}) + "\n")
     return path
