@@ -57,7 +57,24 @@ class ModelConfig(_Section):
                          "deepseek_v3", "kimi_k2", "glm4"] = "auto"
     """The model family (tool-call and reasoning format, end-of-turn tokens); auto detects it from
     the chat template (`turnwise.policy.renderers.families`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner and the local sampler run; auto: CUDA when present, else the CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; auto: bfloat16 on CUDA, float32 on the CPU (the only dtype that matches
+    sampler and trainer logprobs to 1e-4 there). Trained weights and Adam's moments stay float32
+    (mixed precision); with LoRA the frozen base is kept in this dtype."""
+
+
+class TrainerConfig(_Section):
+    """How the learner runs: one process (`nproc` 1) or FSDP2 data parallel over `nproc` ranks."""
+
+    nproc: int = Field(1, ge=1)
+    """Learner ranks on this machine (torch.distributed: gloo on the CPU, nccl on CUDA, one GPU per
+    rank). Rank 0 is the turnwise process (runtime, dispatch, logging); the others only train."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."""
+    master_port: int = Field(0, ge=0, le=65535)
+    """TCP port of the rank-0 rendezvous on 127.0.0.1; 0 picks a free one."""
 
 
 class SamplerConfig(_Section):
@@ -297,9 +314,13 @@ class JobConfig(_Section):
     """Sequences per forward/backward; gradients accumulate over a step (memory knob only)."""
     num_substeps: int = Field(1, ge=1)
     """Optimizer steps per batch of rollouts."""
+    lora: bool = False
+    """Train LoRA adapters instead of every weight (also implied by `lora_rank` > 0)."""
     lora_rank: int = Field(0, ge=0)
-    """0 trains every weight; >0 trains LoRA adapters of this rank."""
-    lora_alpha: int = Field(16, ge=1)
+    """LoRA rank; 0 with `lora` true: the managed service's default, 32. 0 without `lora`: full fine-tuning."""
+    lora_alpha: int | None = Field(None, ge=1)
+    """LoRA scale numerator (the update is alpha / rank * B A); None: 2 x rank (64 at rank 32, the
+    managed service's default)."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay of the learning rate over the RL optimizer steps, after the warmup."""
     lr_warmup_steps: int = Field(0, ge=0)
@@ -307,6 +328,7 @@ class JobConfig(_Section):
 
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
+    trainer: TrainerConfig = TrainerConfig()
     data: DataConfig = DataConfig()
     agent: AgentConfig = AgentConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
@@ -339,6 +361,17 @@ class JobConfig(_Section):
 
     def advantage_options(self) -> AdvantageOptions:
         return AdvantageOptions(normalize_std=self.normalize_std, gamma=self.gamma)
+
+    def lora_sizes(self) -> tuple[int, int] | None:
+        """(rank, alpha) of the LoRA adapters, or None for full fine-tuning."""
+        if not self.lora and self.lora_rank == 0:
+            return None
+        rank = self.lora_rank or LORA_DEFAULT_RANK
+        return rank, self.lora_alpha if self.lora_alpha is not None else 2 * rank
+
+
+LORA_DEFAULT_RANK = 32
+"""The managed service's LoRA rank (with alpha 64) for a config that asks for LoRA without sizes."""
 
 
 _PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),

@@ -61,6 +61,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("mismatch/logprob_abs_diff/max", "max", "largest |trainer - sampler| logprob"),
     ("training/learning_rate", "last", "learning rate of the last optimizer step"),
     ("training/policy_version", "last", "version of the weights after the step"),
+    ("weights/bytes_sent", "last", "bytes sent to the sampler by the step's weight sync (LoRA: the adapters only)"),
     ("training/total_tokens", "sum", "tokens trained this step (all substeps)"),
     ("training/num_trajectories", "sum", "trajectories that trained"),
     ("training/epoch", "last", "epoch of the step's tasks"),
