@@ -115,7 +115,8 @@ class SamplerEngine:
         self.model.requires_grad_(False)
         self._dtype = next(self.model.parameters()).dtype
         self._device = next(self.model.parameters()).device
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft twin's forward: **kwargs
+        self._cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
         self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
                          **dict(self.model.named_buffers(remove_duplicate=False))}
 
