@@ -363,7 +363,7 @@ def _plain_copy(spec: LearnerSpec) -> torch.nn.Module:
     else:
         model.float()  # fp32 master weights
     if spec.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -40,7 +40,7 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
     else:
         model.float()  # fp32 master weights; the sampler keeps its own copy in model.dtype
     if cfg.trainer.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainer.nproc == 1:
         yield LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
                            temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0, compute_dtype=compute,
