@@ -4,11 +4,13 @@ One optimizer step of `DistributedBackend` over 2 ranks and of `LocalBackend` in
 from the same weights on the same datums, must give the same weights: max |w_2 - w_1| <= 1e-6
 (float32; the two sum gradients in different orders, ~1e-8 relative, and Adam's first step moves
 each weight by at most lr = 1e-3). One group of ranks serves every case of this module.
+`TURNWISE_TEST_DEVICE=cuda` runs the same cases on 2 GPUs with `nccl` (`bench/gpu_check.sh`).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
 
 import pytest
@@ -21,13 +23,14 @@ from turnwise.train.backend import LocalBackend
 from turnwise.train.distributed import DistributedBackend, LearnerSpec, RankGroup, split_by_tokens
 from turnwise.types import AdamParams, Datum, Segment
 
+DEVICE = os.environ.get("TURNWISE_TEST_DEVICE", "cpu")
 TOL = 1e-6
 ADAM = AdamParams(learning_rate=1e-3, max_grad_norm=1e9)
 
 
 @pytest.fixture(scope="module")
 def group() -> RankGroup:
-    with RankGroup(2) as g:
+    with RankGroup(2, device_type=DEVICE) as g:
         yield g
 
 
@@ -35,7 +38,8 @@ def group() -> RankGroup:
 def model_cfg(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
     tiny = TinyModelConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=64)
-    return ModelConfig(tiny=tiny, cache_dir=str(tmp_path_factory.mktemp("models")), device="cpu", dtype="float32")
+    return ModelConfig(tiny=tiny, cache_dir=str(tmp_path_factory.mktemp("models")), device=DEVICE,
+                       dtype="float32")
 
 
 def datums(n: int, seed: int = 0) -> list[Datum]:
@@ -86,7 +90,7 @@ def test_one_step_equals_one_process(group: RankGroup, model_cfg: ModelConfig, l
         assert m2["loss/value"] == pytest.approx(m1["loss/value"], rel=1e-5, abs=1e-6)
         assert m2["loss/grad_norm"] == pytest.approx(m1["loss/grad_norm"], rel=1e-5)
         after = group.call("sampler_weights", shared=False)[0]
-        before = dict(one.state_dict())
+        before = {k: v.cpu() for k, v in one.state_dict().items()}
         trained = {n for n, p in one.named_parameters() if p.requires_grad}
         assert trained <= set(after)
         moved = max(float((after[n] - p.detach()).abs().max()) for n, p in model_state(before, trained).items())
