@@ -6,8 +6,9 @@ sampler, and drives the other ranks, which only train. `RankGroup` starts ranks 
 CPU, `nccl` on CUDA (one GPU per rank), plus a `gloo` group that carries the commands. We spawn
 rather than ask users for `torchrun` so that `turnwise train` stays one command whose process is
 rank 0 (it must be: the runtime, the sampler and the agents live there), and so that tests start a
-group in-process. Several machines use the same worker loop under `torchrun`: see the README
-(`turnwise.train.distributed` as a module, `--nnodes`); that path is not tested here.
+group in-process. Under `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR set: several machines, or
+one) nothing is spawned: `turnwise train` on rank 0 runs the job and on every other rank serves
+it (`serve_launched_rank`); see the README for the multi-node command (not testable here).
 
 Every rank wraps its copy of the policy in `policy.logprobs.TokenLogprobs` and shards it with
 `fully_shard` (each decoder layer, then the wrapper: embeddings, output layer and final norm), so
@@ -113,13 +114,20 @@ class RankGroup:
         if dist.is_initialized():
             raise RuntimeError("a torch.distributed process group already exists in this process")
         self.world_size, self.device_type = world_size, device_type
-        self.port = port or _free_port()
-        ctx = mp.get_context("spawn")
-        self._procs = [ctx.Process(target=_rank_main, args=(rank, world_size, self.port, device_type),
-                                   name=f"turnwise-rank-{rank}", daemon=True) for rank in range(1, world_size)]
-        for p in self._procs:
-            p.start()
-        _init(0, world_size, self.port, device_type)
+        self._procs: list[Any] = []
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun: the other ranks already run
+            if int(os.environ["WORLD_SIZE"]) != world_size:
+                raise ValueError(f"trainer.nproc is {world_size} but torchrun started WORLD_SIZE="
+                                 f"{os.environ['WORLD_SIZE']} ranks; set trainer.nproc to match")
+            _init(0, world_size, None, device_type)
+        else:
+            port = port or _free_port()
+            ctx = mp.get_context("spawn")
+            self._procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, device_type),
+                                       name=f"turnwise-rank-{rank}", daemon=True) for rank in range(1, world_size)]
+            for p in self._procs:
+                p.start()
+            _init(0, world_size, port, device_type)
         self.control = dist.new_group(backend="gloo", timeout=_TIMEOUT)
         self.busy = False
 
@@ -263,10 +271,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _init(rank: int, world_size: int, port: int, device_type: str) -> None:
+def launched_rank() -> int:
+    """This process's rank when `torchrun` started it (RANK set), else 0."""
+    return int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
+
+
+def serve_launched_rank() -> None:
+    """A torchrun rank > 0: serve rank 0's learner commands (one GPU per rank when CUDA is present)."""
+    _rank_main(launched_rank(), int(os.environ["WORLD_SIZE"]), None,
+               "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _init(rank: int, world_size: int, port: int | None, device_type: str) -> None:
+    """Join the process group: over 127.0.0.1:`port` (spawned ranks) or torchrun's env:// (port None)."""
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init,
                             rank=rank, world_size=world_size, timeout=_TIMEOUT)
     _STATE.update(rank=rank, device_type=device_type)
 
@@ -277,7 +298,7 @@ def _gather(result: Any, group: Any) -> list[Any]:
     return out
 
 
-def _rank_main(rank: int, world_size: int, port: int, device_type: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int | None, device_type: str) -> None:
     """Ranks > 0: serve rank 0's commands until it says exit."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     _init(rank, world_size, port, device_type)
