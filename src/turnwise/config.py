@@ -8,7 +8,6 @@ engine and plumbing settings live in sections.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
@@ -60,21 +59,16 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the learner and the local sampler run; auto: CUDA when present, else the CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype; auto: bfloat16 on CUDA, float32 on the CPU (the only dtype that matches
-    sampler and trainer logprobs to 1e-4 there). Trained weights and Adam's moments stay float32
-    (mixed precision); with LoRA the frozen base is kept in this dtype."""
+    """Compute dtype; auto: bfloat16 on CUDA, float32 on the CPU. Trained weights and Adam stay fp32."""
 
 
 class TrainerConfig(_Section):
-    """How the learner runs: one process (`nproc` 1) or FSDP2 data parallel over `nproc` ranks."""
+    """The learner: one process (`nproc` 1) or FSDP2 data parallel over `nproc` ranks."""
 
     nproc: int = Field(1, ge=1)
-    """Learner ranks on this machine (torch.distributed: gloo on the CPU, nccl on CUDA, one GPU per
-    rank). Rank 0 is the turnwise process (runtime, dispatch, logging); the others only train."""
+    """Learner ranks (gloo on the CPU, nccl on CUDA, a GPU each); rank 0 is the turnwise process."""
     activation_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)."""
-    master_port: int = Field(0, ge=0, le=65535)
-    """TCP port of the rank-0 rendezvous on 127.0.0.1; 0 picks a free one."""
+    """Recompute each decoder layer in the backward pass (less memory, ~30% more compute)."""
 
 
 class SamplerConfig(_Section):
@@ -315,12 +309,11 @@ class JobConfig(_Section):
     num_substeps: int = Field(1, ge=1)
     """Optimizer steps per batch of rollouts."""
     lora: bool = False
-    """Train LoRA adapters instead of every weight (also implied by `lora_rank` > 0)."""
+    """Train LoRA adapters (also implied by `lora_rank` > 0) of the managed service's rank 32, alpha 64."""
     lora_rank: int = Field(0, ge=0)
-    """LoRA rank; 0 with `lora` true: the managed service's default, 32. 0 without `lora`: full fine-tuning."""
+    """LoRA rank (0: 32 with `lora`, else full fine-tuning)."""
     lora_alpha: int | None = Field(None, ge=1)
-    """LoRA scale numerator (the update is alpha / rank * B A); None: 2 x rank (64 at rank 32, the
-    managed service's default)."""
+    """LoRA scale numerator (update alpha / rank * B A); None: 2 x rank."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay of the learning rate over the RL optimizer steps, after the warmup."""
     lr_warmup_steps: int = Field(0, ge=0)
@@ -364,14 +357,8 @@ class JobConfig(_Section):
 
     def lora_sizes(self) -> tuple[int, int] | None:
         """(rank, alpha) of the LoRA adapters, or None for full fine-tuning."""
-        if not self.lora and self.lora_rank == 0:
-            return None
-        rank = self.lora_rank or LORA_DEFAULT_RANK
-        return rank, self.lora_alpha if self.lora_alpha is not None else 2 * rank
-
-
-LORA_DEFAULT_RANK = 32
-"""The managed service's LoRA rank (with alpha 64) for a config that asks for LoRA without sizes."""
+        rank = self.lora_rank or (32 if self.lora else 0)
+        return (rank, self.lora_alpha or 2 * rank) if rank else None
 
 
 _PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
@@ -410,27 +397,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = validate_config(raw)
     check_algorithms(cfg)
     return cfg
-
-
-DEMO_CONFIG = Path("examples") / "support_desk" / "config.yaml"
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG and `--set` for a command that runs a job."""
-    parser.add_argument("config", nargs="?", help=f"YAML config file (default: ./{DEMO_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set learning_rate=1e-4")
-
-
-def load_job_config(args: argparse.Namespace) -> JobConfig:
-    """The config `add_config_arguments` parsed (no CONFIG: the demo's)."""
-    config = args.config
-    if config is None:
-        if not DEMO_CONFIG.is_file():
-            raise ConfigError(f"no CONFIG given and no demo config at ./{DEMO_CONFIG}; "
-                              "run from the turnwise repository or pass a config file")
-        config = str(DEMO_CONFIG)
-    return load_config(config, args.overrides)
 
 
 def default_sampling_params(**overrides: Any) -> SamplingParams:

@@ -11,7 +11,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from turnwise.config import ConfigError, add_config_arguments, load_config, load_job_config
+from turnwise.config import ConfigError, load_config
+from turnwise.rollout.command_args import add_config_arguments, load_job_config
 
 if TYPE_CHECKING:
     from turnwise.train.step import TrainResult

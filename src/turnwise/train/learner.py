@@ -51,8 +51,7 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
     spec = LearnerSpec(model=cfg.model, lora=sizes, compute_dtype=_DTYPE_NAMES[str(compute)],
                        micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,
                        kl_reference=cfg.kl_coef > 0, activation_checkpointing=cfg.trainer.activation_checkpointing)
-    with RankGroup(cfg.trainer.nproc, device_type=resolve_device(cfg.model).type,
-                   port=cfg.trainer.master_port) as group:
+    with RankGroup(cfg.trainer.nproc, device_type=resolve_device(cfg.model).type) as group:
         backend = DistributedBackend(group, model, rt.engine, tokenizer=rt.tokenizer, spec=spec)
         try:
             yield backend
