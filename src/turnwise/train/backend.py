@@ -109,9 +109,9 @@ class LocalBackend:
         self.compute_dtype = compute_dtype
         self.adapter_sync = adapter_sync and is_lora(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        # fused: one kernel per step and no full-size temporaries (foreach's sqrt of the second
-        # moment is another copy of the weights)
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)
+        # CUDA: fused (one kernel, no full-size temporaries; foreach's sqrt of the second moment is
+        # another copy of the weights). CPU: torch's default, one tensor at a time (the demo's numbers)
+        self.optimizer = torch.optim.AdamW(params, lr=0.0, fused=True if self.device.type == "cuda" else None)
         self.version = sampler.version if sampler is not None else 0
         self.sync_bytes = 0
         """Bytes the last `save_weights_for_sampler` sent to the sampler (0: nothing changed)."""
