@@ -93,6 +93,11 @@ class TrainingBackend(Protocol):
         when an `optim_step` changed them since the last publish)."""
         ...
 
+    @property
+    def sync_bytes(self) -> int:
+        """Bytes the last `save_weights_for_sampler` sent (LoRA: the adapters only; 0: nothing)."""
+        ...
+
     def save_state(self, path: Path) -> None:
         """Weights, optimizer state and policy version under `path`, for an exact resume."""
         ...

@@ -8,7 +8,6 @@ engine and plumbing settings live in sections.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 from collections.abc import Mapping, Sequence
@@ -57,7 +56,19 @@ class ModelConfig(_Section):
                          "deepseek_v3", "kimi_k2", "glm4"] = "auto"
     """The model family (tool-call and reasoning format, end-of-turn tokens); auto detects it from
     the chat template (`turnwise.policy.renderers.families`)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner and the local sampler run; auto: CUDA when present, else the CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; auto: bfloat16 on CUDA, float32 on the CPU. Trained weights and Adam stay fp32."""
+
+
+class TrainerConfig(_Section):
+    """The learner: one process (`nproc` 1) or FSDP2 data parallel over `nproc` ranks."""
+
+    nproc: int = Field(1, ge=1)
+    """Learner ranks (gloo on the CPU, nccl on CUDA, a GPU each); rank 0 is the turnwise process."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (less memory, ~30% more compute)."""
 
 
 class SamplerConfig(_Section):
@@ -303,9 +314,12 @@ class JobConfig(_Section):
     """Sequences per forward/backward; gradients accumulate over a step (memory knob only)."""
     num_substeps: int = Field(1, ge=1)
     """Optimizer steps per batch of rollouts."""
+    lora: bool = False
+    """Train LoRA adapters (also implied by `lora_rank` > 0) of the managed service's rank 32, alpha 64."""
     lora_rank: int = Field(0, ge=0)
-    """0 trains every weight; >0 trains LoRA adapters of this rank."""
-    lora_alpha: int = Field(16, ge=1)
+    """LoRA rank (0: 32 with `lora`, else full fine-tuning)."""
+    lora_alpha: int | None = Field(None, ge=1)
+    """LoRA scale numerator (update alpha / rank * B A); None: 2 x rank."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay of the learning rate over the RL optimizer steps, after the warmup."""
     lr_warmup_steps: int = Field(0, ge=0)
@@ -313,6 +327,7 @@ class JobConfig(_Section):
 
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
+    trainer: TrainerConfig = TrainerConfig()
     data: DataConfig = DataConfig()
     agent: AgentConfig = AgentConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
@@ -345,6 +360,11 @@ class JobConfig(_Section):
 
     def advantage_options(self) -> AdvantageOptions:
         return AdvantageOptions(normalize_std=self.normalize_std, gamma=self.gamma)
+
+    def lora_sizes(self) -> tuple[int, int] | None:
+        """(rank, alpha) of the LoRA adapters, or None for full fine-tuning."""
+        rank = self.lora_rank or (32 if self.lora else 0)
+        return (rank, self.lora_alpha or 2 * rank) if rank else None
 
 
 _PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
@@ -383,27 +403,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = validate_config(raw)
     check_algorithms(cfg)
     return cfg
-
-
-DEMO_CONFIG = Path("examples") / "support_desk" / "config.yaml"
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG and `--set` for a command that runs a job."""
-    parser.add_argument("config", nargs="?", help=f"YAML config file (default: ./{DEMO_CONFIG})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set learning_rate=1e-4")
-
-
-def load_job_config(args: argparse.Namespace) -> JobConfig:
-    """The config `add_config_arguments` parsed (no CONFIG: the demo's)."""
-    config = args.config
-    if config is None:
-        if not DEMO_CONFIG.is_file():
-            raise ConfigError(f"no CONFIG given and no demo config at ./{DEMO_CONFIG}; "
-                              "run from the turnwise repository or pass a config file")
-        config = str(DEMO_CONFIG)
-    return load_config(config, args.overrides)
 
 
 def default_sampling_params(**overrides: Any) -> SamplingParams:

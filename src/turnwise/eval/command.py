@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from turnwise.config import add_config_arguments, load_job_config
+from turnwise.rollout.command_args import add_config_arguments, load_job_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from turnwise.config import AgentConfig, ConfigError, JobConfig, add_config_arguments, load_job_config
+from turnwise.config import AgentConfig, ConfigError, JobConfig
 from turnwise.eval.verify import VerifyReport, load_tool_entries, verify_environment
 from turnwise.rollout.agent import AgentFn, AgentLoadError, load_agent
+from turnwise.rollout.command_args import add_config_arguments, load_job_config
 from turnwise.rollout.tasks import TaskFileError, epoch_order, load_tasks
 from turnwise.runtime.protocols import Chat, Sampler
 from turnwise.types import Task

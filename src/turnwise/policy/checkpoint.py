@@ -5,6 +5,9 @@
 - `export_state_dict` gives the weights the sampler needs in the base model's names:
   W + (alpha / r) * B @ A for adapted layers, without merging in place (training continues),
   so `SamplerEngine.update_weights(export_state_dict(policy))` works for both kinds of policy.
+- `adapter_twin` is what the sampler runs for a LoRA policy: the same PeftModel structure whose
+  frozen base tensors ARE the policy's (shared, never copied) and whose adapters are its own copy,
+  so weight sync sends only the adapters (`adapter_state_dict`, a few MB instead of the model).
 - `save_checkpoint` writes a directory any HF tool opens: a full model (`config.json`,
   `model.safetensors`), or a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`,
   naming its base directory) or, with `merged=True`, the adapter merged into a full model for
@@ -51,10 +54,11 @@ def is_lora(model: object) -> bool:
 
 
 @torch.no_grad()
-def export_state_dict(model: PreTrainedModel | PeftModel) -> dict[str, torch.Tensor]:
-    """Full weights in the base model's names (LoRA deltas added), detached copies."""
+def export_state_dict(model: PreTrainedModel | PeftModel, *, clone: bool = True) -> dict[str, torch.Tensor]:
+    """Full weights in the base model's names (LoRA deltas added), detached copies (`clone`
+    False: a full model's own tensors, for a caller that copies them at once)."""
     if not isinstance(model, PeftModel):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().clone() if clone else v.detach() for k, v in model.state_dict().items()}
     inner = model.get_base_model()
     deltas = {}
     for name, module in inner.named_modules():
@@ -73,20 +77,34 @@ def export_state_dict(model: PreTrainedModel | PeftModel) -> dict[str, torch.Ten
     return out
 
 
+def adapter_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) tensors of `model` under their PeftModel names, detached, uncopied."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_twin(model: PeftModel) -> PeftModel:
+    """A copy of `model` sharing every frozen tensor with it (module docstring), in eval mode."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad}
+    twin = copy.deepcopy(model, memo=shared)
+    return twin.eval().requires_grad_(False)
+
+
 def merged_copy(model: PeftModel) -> PreTrainedModel:
     """A plain model with the adapters merged in; `model` itself is unchanged."""
     return copy.deepcopy(model).merge_and_unload()
 
 
 def save_checkpoint(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase,
-                    path: str | Path, *, merged: bool = False) -> Path:
-    """Write a HF-format checkpoint directory at `path` (replacing one already there)."""
+                    path: str | Path, *, merged: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a HF-format checkpoint directory at `path` (replacing one already there); with
+    `state_dict`, those tensors instead of the model's own (a sharded model's, gathered)."""
     final = Path(os.path.expanduser(path))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         to_save = merged_copy(model) if merged and isinstance(model, PeftModel) else model
-        to_save.save_pretrained(tmp)
+        to_save.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")

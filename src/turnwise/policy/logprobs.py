@@ -78,3 +78,19 @@ def token_logprobs(model: PreTrainedModel, tokens_B_T: torch.LongTensor, attenti
         entropy = torch.zeros(B, T, dtype=torch.float32, device=hidden_N_H.device)
         entropy = entropy.index_put((rows, cols + 1), out_2_N[1])
     return logprobs, entropy
+
+
+class TokenLogprobs(torch.nn.Module):
+    """`token_logprobs` of `model` as a module's forward. FSDP2 gathers a sharded module's
+    parameters around its `forward` only, so the data-parallel learner shards this wrapper (the
+    output layer is read inside it); the one-process learner calls it the same way."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens_B_T: torch.LongTensor, attention_mask_B_T: torch.Tensor, temperature: float = 1.0,
+                with_entropy: bool = False,
+                positions_B_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(self.model, tokens_B_T, attention_mask_B_T, temperature, with_entropy=with_entropy,
+                              positions_B_T=positions_B_T)

@@ -104,9 +104,7 @@ class SamplerEngine:
                  version: int = 0, prefix_cache_size: int = 128, copy_model: bool = True,
                  stop_token_ids: Collection[int] | None = None) -> None:
         """`copy_model=False` lets the engine use `model` itself; then nothing else may run it."""
-        self.model = copy.deepcopy(model) if copy_model else model
-        self.model.eval()
-        self.model.requires_grad_(False)
+        self._bind(copy.deepcopy(model) if copy_model else model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.version = version
@@ -114,11 +112,6 @@ class SamplerEngine:
         self.stop_token_ids = frozenset(stop_token_ids) if stop_token_ids is not None else stop_token_ids_for(tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_token_ids))
         self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
-        self._dtype = next(self.model.parameters()).dtype
-        self._device = next(self.model.parameters()).device
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
-                         **dict(self.model.named_buffers(remove_duplicate=False))}
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()  # reentrant: a future's callback runs in the engine thread
         self._pending: list[_Request] = []
@@ -131,6 +124,27 @@ class SamplerEngine:
         self._closed = False
         vocab = getattr(self.model.config, "vocab_size", None) or len(tokenizer)
         self._guides = constrain.GuideCompiler(tokenizer, int(vocab), self.stop_token_ids)
+
+    def _bind(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self._dtype = next(self.model.parameters()).dtype
+        self._device = next(self.model.parameters()).device
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft twin's forward: **kwargs
+        self._cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                         **dict(self.model.named_buffers(remove_duplicate=False))}
+
+    def replace_model(self, model: PreTrainedModel, version: int | None = None) -> None:
+        """Sample from `model` from the next iteration on (e.g. a LoRA policy's adapter twin, whose
+        adapters `update_weights` then updates by their own names). Thread-safe."""
+        with self._model_lock:
+            self._bind(model)
+            self._prefix.clear()
+            self._shared.clear()
+            if version is not None:
+                self.version = version
 
     def start(self) -> SamplerEngine:
         with self._cond:

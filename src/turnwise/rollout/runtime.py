@@ -37,9 +37,10 @@ def runtime_app(cfg: JobConfig, *, sampler: Sampler, chat: Chat, store: Trajecto
                       seed=cfg.seed, sampling_overrides=cfg.runtime.sampling_overrides)
 
 
-def load_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, Any, Any, Any]:
+def load_engine(cfg: JobConfig, model_path: str | None = None, *,
+                copy_model: bool = True) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, chat format, sampler engine) for `cfg.model` (or `model_path`); the
-    engine holds its own copy of the weights and is not started."""
+    engine holds its own copy of the weights (`copy_model` False: the model itself) and is not started."""
     from turnwise.policy.chat import ChatFormat
     from turnwise.policy.load import load_policy
     from turnwise.policy.sampler import SamplerEngine
@@ -48,7 +49,7 @@ def load_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, Any
     model, tokenizer = load_policy(model_cfg)
     chat = ChatFormat(tokenizer, cfg.model.chat_format)
     engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
-                           stop_token_ids=chat.stop_token_ids)
+                           stop_token_ids=chat.stop_token_ids, copy_model=copy_model)
     return model, tokenizer, chat, engine
 
 
@@ -60,7 +61,9 @@ class EmbeddedRuntime:
 
         self.cfg = cfg
         cfg.sandbox.export()  # in-process agents' sandboxes follow sandbox.require_isolation
-        self.model, self.tokenizer, self.chat, self.engine = load_engine(cfg, model_path)
+        # a LoRA run's sampler gets an adapter twin sharing this model's base (`train/learner.py`), no copy
+        self.model, self.tokenizer, self.chat, self.engine = load_engine(cfg, model_path,
+                                                                         copy_model=cfg.lora_sizes() is None)
         self.store = TrajectoryStore(run_dir / "trajectories.db", job_id=job_id)
         self.model_name = job_id
         app = runtime_app(cfg, sampler=self.engine, chat=self.chat, store=self.store, model_name=job_id)

@@ -1,4 +1,8 @@
-"""`turnwise train [CONFIG] [--set k=v ...]` and `turnwise train --resume RUN_DIR [--set k=v ...]`."""
+"""`turnwise train [CONFIG] [--set k=v ...]` and `turnwise train --resume RUN_DIR [--set k=v ...]`.
+
+Under `torchrun` (RANK and WORLD_SIZE set, e.g. several machines) rank 0 runs the job and every
+other rank serves it as a learner rank (`train.distributed`); `trainer.nproc` must equal WORLD_SIZE.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from turnwise.config import ConfigError, add_config_arguments, load_config, load_job_config
+from turnwise.config import ConfigError, load_config
+from turnwise.rollout.command_args import add_config_arguments, load_job_config
 
 if TYPE_CHECKING:
     from turnwise.train.step import TrainResult
@@ -22,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from turnwise.train.checkpoint import latest_checkpoint
+    from turnwise.train.distributed import launched_rank, serve_launched_rank
     from turnwise.train.job import run_train_checked
+
+    if launched_rank() > 0:
+        serve_launched_rank()
+        return 0
 
     resume_dir = None
     if args.resume:

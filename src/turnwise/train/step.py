@@ -25,7 +25,8 @@ import torch
 from turnwise.algo.passk import mean_pass_at_k
 from turnwise.backends import TrainingBackend
 from turnwise.config import JobConfig, RunStopped
-from turnwise.policy.checkpoint import apply_lora, save_checkpoint
+from turnwise.policy.checkpoint import save_checkpoint
+from turnwise.policy.load import resolve_dtype
 from turnwise.rollout.agent import AgentFn
 from turnwise.rollout.dispatch import RolloutDispatcher
 from turnwise.rollout.push import AgentUnavailable
@@ -42,6 +43,7 @@ from turnwise.train.checkpoint import (
     save_trainer_checkpoint,
 )
 from turnwise.train.datums import usable
+from turnwise.train.learner import open_backend
 from turnwise.train.metrics import apply_failure_policy, rollout_metrics, staleness
 from turnwise.train.progress import Progress
 from turnwise.train.sft import demo_to_datum, load_demos
@@ -105,7 +107,8 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
     resume = latest_checkpoint(run_dir)
     warm_dir = run_dir / "checkpoints" / "warm_start"
     base = str(warm_dir) if resume is not None and warm_dir.is_dir() else None
-    with EmbeddedRuntime(cfg, run_dir, job_id=run_dir.name, model_path=base) as rt, StopSignals() as stop:
+    with EmbeddedRuntime(cfg, run_dir, job_id=run_dir.name, model_path=base) as rt, StopSignals() as stop, \
+            contextlib.ExitStack() as stack:
         progress = make_progress(cfg, total_steps)
         try:
             # 0. warm start (fresh runs only), then LoRA adapters
@@ -115,13 +118,8 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
                     return
                 save_checkpoint(rt.model, rt.tokenizer, warm_dir)
                 logger.log_checkpoint(warm_dir, "warm_start")
-            model = rt.model
-            if cfg.lora_rank > 0:
-                model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
-                if warm_dir.is_dir():  # saved adapters name the warm start as their base
-                    model.peft_config["default"].base_model_name_or_path = str(warm_dir)
-            backend = LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
-                                   temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0)
+            # LoRA adapters or fp32 masters; one process or FSDP2 ranks (`train/learner.py`)
+            backend = stack.enter_context(open_backend(cfg, rt, warm_dir if warm_dir.is_dir() else None))
             run = Run(cfg, rt, backend, rt.dispatcher(agent), logger, run_dir, progress, stop, train_tasks,
                       val_tasks, total_steps, started=started)
             if resume is not None:
@@ -202,6 +200,7 @@ def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
     if datums:
         metrics |= optimize(run, datums, step)
         metrics["train/policy_version"] = float(run.backend.save_weights_for_sampler())
+        metrics["weights/bytes_sent"] = float(run.backend.sync_bytes)
     return metrics | {"speed/train_s": time.perf_counter() - t1}
 
 
@@ -281,8 +280,9 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
     rng = random.Random(cfg.seed)
     ws = cfg.warm_start
     n_batches = ws.epochs * max(1, len(datums) // ws.batch_size)
+    rt.model.requires_grad_(True)  # the sampler may share this model and froze it
     backend = LocalBackend(rt.model, None, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
-                           temperature=1.0)
+                           temperature=1.0, compute_dtype=resolve_dtype(cfg.model))
     options = dataclasses.replace(cfg.loss_options(), loss_agg_mode="token-mean", kl_coef=0.0, tis_cap=None)
     schedule = lr_lambda(ws.lr_schedule, ws.warmup_steps, n_batches)
     progress.start_warm_start(n_batches)

@@ -1,0 +1,59 @@
+"""The learner of a run: the policy it trains (full weights or LoRA adapters, in which precision,
+with activation checkpointing or not) and the training backend over it (one process, or FSDP2
+ranks when `trainer.nproc` > 1). `train.step.open_run` calls `open_backend`; nothing else picks one.
+
+- Full fine-tuning keeps fp32 master weights (the model is cast up if `model.dtype` is lower) and
+  computes in `model.dtype` under autocast; the sampler holds its own copy in `model.dtype`.
+- LoRA (`cfg.lora_sizes()`): adapters in fp32 on a frozen base in `model.dtype`; the sampler runs
+  an adapter twin that shares the base tensors with the policy (`policy.checkpoint.adapter_twin`),
+  so there is no second base copy in one process and weight sync sends the adapters only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from turnwise.backends import TrainingBackend
+from turnwise.config import JobConfig
+from turnwise.policy.checkpoint import adapter_twin, apply_lora
+from turnwise.policy.load import resolve_device, resolve_dtype
+from turnwise.train.backend import LocalBackend
+
+_DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
+@contextlib.contextmanager
+def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Iterator[TrainingBackend]:
+    """The backend training `rt.model` (an `EmbeddedRuntime`'s) and publishing to `rt.engine`;
+    `warm_dir`: the warm start's checkpoint, which saved adapters name as their base."""
+    model = rt.model
+    sizes = cfg.lora_sizes()
+    compute = resolve_dtype(cfg.model)
+    if sizes is not None:
+        model = apply_lora(model, *sizes)
+        if warm_dir is not None:
+            model.peft_config["default"].base_model_name_or_path = str(warm_dir)
+        rt.engine.replace_model(adapter_twin(model))
+    else:
+        model.float()  # fp32 master weights; the sampler keeps its own copy in model.dtype
+    if cfg.trainer.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.trainer.nproc == 1:
+        yield LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
+                           temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0, compute_dtype=compute,
+                           adapter_sync=sizes is not None)
+        return
+    from turnwise.train.distributed import DistributedBackend, LearnerSpec, RankGroup
+
+    spec = LearnerSpec(model=cfg.model, lora=sizes, compute_dtype=_DTYPE_NAMES[str(compute)],
+                       micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,
+                       kl_reference=cfg.kl_coef > 0, activation_checkpointing=cfg.trainer.activation_checkpointing)
+    with RankGroup(cfg.trainer.nproc, device_type=resolve_device(cfg.model).type) as group:
+        backend = DistributedBackend(group, model, rt.engine, tokenizer=rt.tokenizer, spec=spec)
+        try:
+            yield backend
+        finally:
+            backend.close()
