@@ -64,9 +64,19 @@ def test_insert_release_step_compact_keep_each_sequence() -> None:
 
 
 def test_wants_compaction_when_half_the_slots_are_free() -> None:
-    main, _ = _batch(random.Random(1), 4)
-    assert not main.wants_compaction()
+    k = torch.randn(4, 2, 5, 3)
+    main = KVBatch([(k, k)], torch.ones((4, 5), dtype=torch.bool))  # no padding columns
     main.release(0)
-    assert not main.wants_compaction() or 2 * int(main.valid_B_L.any(0).nonzero()[0]) >= main.length
+    assert not main.wants_compaction()
     main.release(1)
+    assert main.wants_compaction()
+
+
+def test_wants_compaction_when_half_the_columns_are_padding() -> None:
+    k = torch.randn(3, 2, 6, 3)
+    valid = torch.ones((3, 6), dtype=torch.bool)
+    valid[1:, :3] = False
+    main = KVBatch([(k, k)], valid)
+    assert not main.wants_compaction()
+    main.release(0)  # one slot of three free; the others hold only the last 3 of 6 columns
     assert main.wants_compaction()
