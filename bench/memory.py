@@ -21,10 +21,9 @@ fp32 copy of the weights:
 
     python bench/memory.py --ratios              # lora_peak_over_weights: X / full_peak_over_weights: X
 
-Each mode runs twice (`ratios`): the main line with `MALLOC_MMAP_THRESHOLD_=65536`, so that the
-tensors a step frees go back to the OS and the peak is the live memory, and a `_default_malloc`
-line with glibc's defaults, which keep freed heap blocks resident (about 1 GiB more after the
-first LoRA step on this model).
+The learner fixes glibc's mmap threshold at 1 MiB (`train.backend.return_freed_blocks`), so
+the tensors a step frees go back to the OS and the peak is the live memory; `--default-malloc`
+runs the same step with glibc's adaptive threshold left alone (about 1 GiB more for LoRA).
 
 - full: weights, gradients and AdamW's two moments (4.0 by themselves) plus activations; the
   sampler's own copy is not in this process's count (the runtime holds it; bf16 on CUDA).
@@ -36,7 +35,6 @@ first LoRA step on this model).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import resource
 import subprocess
@@ -50,6 +48,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from turnwise.config import JobConfig
 from turnwise.policy.checkpoint import adapter_twin, apply_lora
 from turnwise.policy.sampler import SamplerEngine
+from turnwise.train import backend as backend_module
 from turnwise.train.backend import LocalBackend
 from turnwise.types import AdamParams, Datum, Segment
 
@@ -71,7 +70,7 @@ def qwen_05b_model() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
 
 
-def ratio_step(mode: str, sequences: int, seq_len: int, micro_batch: int) -> None:
+def ratio_step(mode: str, sequences: int, seq_len: int, micro_batch: int, default_malloc: bool) -> None:
     """One RL step on the 0.5B model in this process; prints `peak_over_weights: X`."""
     model = qwen_05b_model()
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
@@ -83,6 +82,8 @@ def ratio_step(mode: str, sequences: int, seq_len: int, micro_batch: int) -> Non
                                 stop_token_ids={0})
     batch = datums(sequences, seq_len, torch.Generator().manual_seed(0))
     cfg = JobConfig(micro_batch_size=micro_batch, loss_fn="ppo")
+    if default_malloc:  # glibc's threshold stays adaptive: the learner's setting is skipped
+        backend_module.return_freed_blocks = lambda *_: False
     backend = LocalBackend(model, sampler, tokenizer=None, micro_batch_size=micro_batch,
                            adapter_sync=sampler is not None)
     start = time.perf_counter()
@@ -98,18 +99,16 @@ def ratio_step(mode: str, sequences: int, seq_len: int, micro_batch: int) -> Non
 
 
 def ratios(args: argparse.Namespace) -> None:
-    """Each mode twice: with glibc returning freed blocks of 64 KiB and more to the OS (the main
-    lines: what the step holds live), and with glibc's defaults (`_default_malloc`: plus the heap
-    it keeps after freeing tensors under its dynamic mmap threshold, up to 32 MiB each)."""
+    """Each mode in a fresh process, so one's peak is not the other's."""
     for mode in ("lora", "full"):
-        for suffix, env in (("", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("_default_malloc", {})):
-            out = subprocess.run([sys.executable, __file__, "--ratio-mode", mode, "--sequences", str(args.sequences),
-                                  "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch)],
-                                 capture_output=True, text=True, check=True, env={**os.environ, **env}).stdout
-            if not suffix:
-                print(out.splitlines()[0])
-            value = re.search(r"peak_over_weights: ([0-9.]+)", out)
-            print(f"{mode}_peak_over_weights{suffix}: {value.group(1) if value else 'missing'}", flush=True)
+        command = [sys.executable, __file__, "--ratio-mode", mode, "--sequences", str(args.sequences),
+                   "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch)]
+        out = subprocess.run(command + (["--default-malloc"] if args.default_malloc else []),
+                             capture_output=True, text=True, check=True).stdout
+        print(out.splitlines()[0])
+        value = re.search(r"peak_over_weights: ([0-9.]+)", out)
+        suffix = "_default_malloc" if args.default_malloc else ""
+        print(f"{mode}_peak_over_weights{suffix}: {value.group(1) if value else 'missing'}", flush=True)
 
 
 def datums(n: int, seq_len: int, generator: torch.Generator) -> list[Datum]:
@@ -135,6 +134,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512; --ratios: 256)")
     parser.add_argument("--ratios", action="store_true",
                         help="0.5B model, full and LoRA: *_peak_over_weights (defaults 4 x 256, micro-batch 2)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="--ratios with glibc's adaptive mmap threshold (the learner's 1 MiB undone)")
     parser.add_argument("--ratio-mode", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -144,7 +145,7 @@ def main() -> None:
     args.micro_batch = args.micro_batch or (2 if small else 32)
     if small:
         if args.ratio_mode:
-            ratio_step(args.ratio_mode, args.sequences, args.seq_len, args.micro_batch)
+            ratio_step(args.ratio_mode, args.sequences, args.seq_len, args.micro_batch, args.default_malloc)
         else:
             ratios(args)
         return
