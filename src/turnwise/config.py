@@ -367,8 +367,9 @@ class JobConfig(_Section):
         return (rank, self.lora_alpha or 2 * rank) if rank else None
 
 
-_PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
-              ("warm_start", "demos_path"), ("model", "path"), ("verify", "production_schemas"))
+PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
+             ("warm_start", "demos_path"), ("model", "path"), ("verify", "production_schemas"))
+"""(section, key) of the config's file paths: relative ones resolve against the config file."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -394,7 +395,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw = loaded
         base = path.resolve().parent
-        for section, key in _PATH_KEYS:
+        for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 raw[section][key] = str(base / value)
