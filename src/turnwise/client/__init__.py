@@ -89,7 +89,7 @@ class ServiceClient:
     def create_key(self, tenant_id: str | None = None) -> dict[str, Any]:
         return self._call("POST", "/keys", json={"tenant_id": tenant_id})
 
-    def keys(self) -> list[dict[str, Any]]:
+    def list_keys(self) -> list[dict[str, Any]]:
         return self._call("GET", "/keys")
 
     def revoke_key(self, key_id: str) -> dict[str, Any]:

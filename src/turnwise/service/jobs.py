@@ -113,11 +113,12 @@ def create_job(body: CreateJob, svc: ServiceConfig, store: ServiceStore, tenant_
     config_path = job_dir / "config.yaml"
     config_path.touch(mode=0o600)  # it holds the runtime key
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    spec: dict[str, Any] = {"config": str(config_path), "target": target, "total": _total(cfg, category)}
+    total = _total(cfg, category)
+    spec: dict[str, Any] = {"config": str(config_path), "target": target, "total": total}
     job = Job(id=job_id, tenant_id=tenant_id, name=body.name, category=category.value,
               status=JobStatus.PENDING.value, model=cfg.model.path or "tiny", spec=spec,
               max_runtime_s=body.max_runtime_s, created_at=time.time(), job_dir=str(job_dir),
-              runtime_key=runtime_key, progress={}, metrics={}, artifacts={}, usage={}, resumes=0)
+              runtime_key=runtime_key, progress={"done": 0, "total": total, "fraction": 0.0}, metrics={}, artifacts={}, usage={}, resumes=0)
     store.add_job(job)
     return job, cfg
 
