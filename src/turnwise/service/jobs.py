@@ -97,6 +97,13 @@ def create_job(body: CreateJob, svc: ServiceConfig, store: ServiceStore, tenant_
         value = doc.get(section, {}).get(key) if isinstance(doc.get(section), dict) else None
         if isinstance(value, str) and value:
             doc[section][key] = _resolve_path(value, svc, store, tenant_id, f"{section}.{key}")
+    dotted = {f"{section}.{key}" for section, key in PATH_KEYS}
+    overrides = []
+    for item in body.overrides:  # a path given as an override resolves the same way
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in dotted and value.strip():
+            item = f"{key}={_resolve_path(value.strip(), svc, store, tenant_id, key.strip())}"
+        overrides.append(item)
     target = _eval_target(body, store, tenant_id) if category == JobCategory.EVAL else None
     job_id = new_id("job")
     job_dir = svc.state_path / "jobs" / job_id
@@ -106,7 +113,7 @@ def create_job(body: CreateJob, svc: ServiceConfig, store: ServiceStore, tenant_
     if svc.mlflow_tracking_uri:
         owned.append(f"tracking.tracking_uri={svc.mlflow_tracking_uri}")
     (job_dir / "document.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    cfg = load_config(job_dir / "document.yaml", [*body.overrides, *owned])
+    cfg = load_config(job_dir / "document.yaml", [*overrides, *owned])
     if cfg.agent.kind != "python":
         cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(
             update={"endpoint": f"{base_url}/jobs/{job_id}/runtime"})})
