@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Float, ForeignKey, Integer, String, create_engine, event, func, select
@@ -132,6 +133,8 @@ class ServiceStore:
     """The service's tables behind one SQLAlchemy engine; each method is one transaction."""
 
     def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
             @event.listens_for(self.engine, "connect")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -125,6 +126,15 @@ def artifacts(job: Job, run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def job_env() -> dict[str, str]:
+    """What a job's command gets on top of its executor's environment: unbuffered output, and the
+    service's PYTHONPATH (a Ray worker's environment is the cluster's, not the service's)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
 class Scheduler:
     """Runs the queue in a daemon thread (`start`/`stop`), or one `tick()` at a time in tests."""
 
@@ -139,7 +149,7 @@ class Scheduler:
         job_dir = Path(job.job_dir)
         return Launch(name=f"{job.id}-{job.resumes}", argv=tuple(job.spec.get("argv") or ()), cwd=Path(self.svc.workdir).resolve(),
                       log_path=job_dir / "log.txt", exit_path=job_dir / "exit_code",
-                      env={"PYTHONUNBUFFERED": "1"}, num_gpus=self.svc.gpus_per_job,
+                      env=job_env(), num_gpus=self.svc.gpus_per_job,
                       memory_mb=self.svc.memory_mb_per_job)
 
     def start(self) -> None:
