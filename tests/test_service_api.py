@@ -4,6 +4,7 @@ every cross-tenant and cross-job read and write refused, usage x prices."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -205,3 +206,34 @@ def test_every_cross_tenant_and_cross_job_access_is_refused(service, tmp_path: P
     finally:
         for server in servers:
             server.stop()
+
+
+def test_jobs_command_and_bad_input_are_one_line_errors(service, capsys, tmp_path: Path) -> None:
+    from turnwise.cli import main
+
+    url, admin, app = service
+    t, a = _tenant(url, admin, "team-a")
+    base = ["jobs", "--url", url, "--api-key", t["key"]]
+    assert main([*base, "create", "rl-cli", str(DEMO), "--set", "max_steps=2"]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert main([*base, "list", "--status", "Pending"]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main([*base, "describe", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["progress"]["total"] == 2
+    (Path(app.state.service.store.job(job_id).job_dir) / "log.txt").write_text("line one\nline two\n")
+    assert main([*base, "logs", job_id]) == 0
+    assert capsys.readouterr().out.splitlines() == ["line one", "line two"]
+    assert main([*base, "stop", job_id]) == 0 and "Stopped" in capsys.readouterr().out
+    assert main([*base, "logs", job_id, "--follow"]) == 0  # a finished job's log ends the stream
+    assert capsys.readouterr().out.splitlines() == ["line one", "line two"]
+    assert main([*base, "usage"]) == 0 and json.loads(capsys.readouterr().out)["jobs"] == []
+    for argv, message in [
+        (["jobs", "--url", url, "--api-key", "tw_bad_key", "list"], "HTTP 401: invalid or revoked API key"),
+        ([*base, "describe", "job-nope"], "HTTP 404: no job 'job-nope'"),
+        ([*base, "create", "x", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        (["jobs", "--url", "http://127.0.0.1:9", "--api-key", "k", "list"], "cannot reach http://127.0.0.1:9"),
+        (["service", "--set", "max_concurrent_jobs=-1"], "service config: max_concurrent_jobs"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -109,9 +109,9 @@ def test_capacity_max_runtime_and_resume_after_a_lost_process(queue) -> None:
     for attempt in range(2):
         job = store.job(second.id)
         log = Path(job.job_dir) / "log.txt"
-        _wait(lambda: log.is_file() and log.read_text().count("ready") == attempt + 1)
+        _wait(lambda log=log, n=attempt + 1: log.is_file() and log.read_text().count("ready") == n)
         os.kill(int(job.handle.split(":")[0]), signal.SIGKILL)
-        _wait(lambda: (sched.tick(), store.job(second.id).resumes)[1] == attempt + 1 or
+        _wait(lambda n=attempt + 1: (sched.tick(), store.job(second.id).resumes)[1] == n or
               store.job(second.id).status == "Failed")
     row = store.job(second.id)
     assert calls == [False, False, True] and row.resumes == 1

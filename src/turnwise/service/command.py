@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from turnwise.config import ConfigError
 from turnwise.service.db import ServiceStore
 from turnwise.service.executors import make_executor
 from turnwise.service.scheduler import Scheduler
@@ -55,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     svc = load_service_config(args.config, args.overrides)
     try:
         app, scheduler, admin = build(svc)
-    except ValueError as e:
-        raise SystemExit(f"turnwise service: error: {e}") from None
+    except ValueError as e:  # e.g. executor ray without ray_address
+        raise ConfigError(str(e)) from None
     server = RuntimeServer(app, host=svc.host, port=svc.port, log_level="warning").start()
     app.state.service.base_url = svc.base_url(server.port)
     scheduler.start()
