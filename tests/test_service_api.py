@@ -40,7 +40,7 @@ def _tenant(url: str, admin: str, name: str) -> tuple[dict, ServiceClient]:
 
 
 def test_jobs_queue_describe_filter_stop_and_bad_input(service) -> None:
-    url, admin, _ = service
+    url, admin, app = service
     _, a = _tenant(url, admin, "team-a")
     job = a.create_job("rl-1", "AgentRFT", DEMO, overrides=["max_steps=3"])
     assert job["status"] == "Pending" and job["category"] == "train" and job["job_key"].startswith("tw_")
@@ -50,7 +50,12 @@ def test_jobs_queue_describe_filter_stop_and_bad_input(service) -> None:
     ev = a.create_job("ev-1", "AgentRFTEvaluation", DEMO, model="base")
     assert ev["category"] == "eval" and ev["progress"]["total"] > 0
     assert [j["id"] for j in a.list_jobs("Pending")] == [job["id"], ev["id"]]
+    with pytest.raises(ServiceError, match="stop it before deleting its artifacts"):
+        a.delete_artifacts(job["id"])
     assert a.stop_job(job["id"])["status"] == "Stopped"
+    run_dir = Path(app.state.service.store.job(job["id"]).job_dir) / "run"
+    run_dir.mkdir()
+    assert a.delete_artifacts(job["id"])["artifacts"]["deleted_at"] > 0 and not run_dir.exists()
     assert [j["id"] for j in a.list_jobs("Stopped")] == [job["id"]]
     assert a.describe_job(job["id"])["reason"] == "stopped by request"
     cases = [

@@ -164,11 +164,14 @@ class RuntimeConfig(_Section):
     """0 picks a free port."""
     api_keys: tuple[Annotated[str, Field(min_length=8)] | ApiKeyConfig, ...] = ()
     """Bearer keys (8+ characters); required when binding beyond loopback. A plain string acts on
-    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth)."""
+    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth).
+    A mapping `{key: job_id, ...}` is the same as a list of such entries."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_long_enough(cls, keys: Any) -> Any:
+        if isinstance(keys, Mapping):  # `{key: job_id}`, the form `turnwise.runtime.auth` also takes
+            keys = [{"key": k, "job": j} for k, j in keys.items()]
         items = keys if isinstance(keys, list | tuple) else [keys]
         for i, k in enumerate(items):
             key = k.get("key") if isinstance(k, Mapping) else k
