@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         app, scheduler, admin = build(svc)
     except ValueError as e:  # e.g. executor ray without ray_address
         raise ConfigError(str(e)) from None
-    server = RuntimeServer(app, host=svc.host, port=svc.port, log_level="warning").start()
+    try:
+        server = RuntimeServer(app, host=svc.host, port=svc.port, log_level="warning").start()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {svc.host}:{svc.port}: {e.strerror or e}") from None
     app.state.service.base_url = svc.base_url(server.port)
     scheduler.start()
     print(f"turnwise service: {app.state.service.base_url} (state {svc.state_path}, pid {os.getpid()})", flush=True)
