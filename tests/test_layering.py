@@ -19,6 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime", "adapter"),
     ("rollout",),
     ("train", "eval"),
+    ("service", "client"),
     ("demo",),
     ("cli",),
 )

@@ -142,3 +142,12 @@ def test_readme_job_scoped_keys_example(tmp_path):
 def test_bad_api_keys_fail_at_config_load(keys, message):
     with pytest.raises(ValueError, match=message):
         validate_config({"runtime": {"api_keys": keys}})
+
+
+def test_api_keys_mapping_is_the_list_of_key_job_entries():
+    as_map = validate_config({"runtime": {"api_keys": {"a-long-secret-key": "job-3", "another-long-secret": "eval-7"}}})
+    as_list = validate_config({"runtime": {"api_keys": [{"key": "a-long-secret-key", "job": "job-3"},
+                                                        {"key": "another-long-secret", "job": "eval-7"}]}})
+    assert as_map.runtime.api_keys == as_list.runtime.api_keys and as_map.runtime.api_keys[1].job == "eval-7"
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        validate_config({"runtime": {"api_keys": {"short": "job-3"}}})

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("turnwise.adapter.command_worker", "lease rollouts from a runtime server and run an agent on them"),
     "verify": ("turnwise.eval.command_verify",
                "check an environment: reproducible, isolated, production schemas, oracle 1 / null 0"),
+    "service": ("turnwise.service.command", "run the job service: submit train/eval jobs over an API, per-token usage"),
+    "jobs": ("turnwise.client.command_jobs", "submit, list, describe, stop jobs of a job service; logs and usage"),
 }
 
 EXAMPLES = """examples:
@@ -30,6 +32,8 @@ EXAMPLES = """examples:
   turnwise verify my_job.yaml                     prove an environment reproducible and isolated
   turnwise serve --port 8000                      the runtime server alone, for remote agents
   turnwise worker --agent my_agent:agent --server http://127.0.0.1:8000
+  turnwise service                                the job service (API, console at /)
+  turnwise jobs list --api-key KEY                its jobs
   turnwise <command> --help                       options of one command
 """
 

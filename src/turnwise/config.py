@@ -164,11 +164,14 @@ class RuntimeConfig(_Section):
     """0 picks a free port."""
     api_keys: tuple[Annotated[str, Field(min_length=8)] | ApiKeyConfig, ...] = ()
     """Bearer keys (8+ characters); required when binding beyond loopback. A plain string acts on
-    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth)."""
+    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth).
+    A mapping `{key: job_id, ...}` is the same as a list of such entries."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _keys_long_enough(cls, keys: Any) -> Any:
+        if isinstance(keys, Mapping):  # `{key: job_id}`, the form `turnwise.runtime.auth` also takes
+            keys = [{"key": k, "job": j} for k, j in keys.items()]
         items = keys if isinstance(keys, list | tuple) else [keys]
         for i, k in enumerate(items):
             key = k.get("key") if isinstance(k, Mapping) else k
@@ -367,8 +370,9 @@ class JobConfig(_Section):
         return (rank, self.lora_alpha or 2 * rank) if rank else None
 
 
-_PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
-              ("warm_start", "demos_path"), ("model", "path"), ("verify", "production_schemas"))
+PATH_KEYS = (("data", "train_path"), ("data", "val_path"), ("data", "test_path"),
+             ("warm_start", "demos_path"), ("model", "path"), ("verify", "production_schemas"))
+"""(section, key) of the config's file paths: relative ones resolve against the config file."""
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -394,7 +398,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         raw = loaded
         base = path.resolve().parent
-        for section, key in _PATH_KEYS:
+        for section, key in PATH_KEYS:
             value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 raw[section][key] = str(base / value)

@@ -36,6 +36,7 @@ from turnwise.eval.stats import (
 )
 from turnwise.eval.tracking import log_comparison, log_evaluation
 from turnwise.rollout.agent import AgentFn
+from turnwise.rollout.usage import run_usage
 from turnwise.types import Task
 
 LABELS = {"base": "base", "checkpoint": "fine-tuned", "endpoint": "endpoint"}
@@ -339,5 +340,5 @@ def _write_summary(r: EvalResult) -> None:
         "model": str(r.model), "kind": r.model.kind, "label": r.label, "tasks": r.n_tasks,
         "group_size": r.group_size, "grader": r.grader, "metrics": r.metrics,
         "gate": [asdict(c) for c in r.gate], "passed": r.passed, "tasks_jsonl": str(r.tasks_path),
-        "report": str(r.report_path), "mlflow_run_id": r.mlflow_run_id,
+        "report": str(r.report_path), "mlflow_run_id": r.mlflow_run_id, "usage": run_usage(r.out_dir),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))

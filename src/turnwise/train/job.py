@@ -13,6 +13,7 @@ import yaml
 
 from turnwise.config import ConfigError, JobConfig
 from turnwise.rollout.agent import load_agent
+from turnwise.rollout.usage import run_usage
 from turnwise.track import (
     JsonlLogger,
     MlflowLogger,
@@ -102,7 +103,7 @@ def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResu
                    "reward_curve": str(run_dir / "reward_curve.png"),
                    "mlflow_tracking_uri": mlflow_logger.tracking_uri if mlflow_logger else None,
                    "mlflow_run_id": mlflow_logger.run_id if mlflow_logger else None,
-                   "registered_model": registered}
+                   "registered_model": registered, "usage": run_usage(run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.log_artifact(run_dir / "summary.json")
     finally:
