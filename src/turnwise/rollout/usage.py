@@ -8,7 +8,8 @@ validation, evaluation) and however it ended (rewarded, failed, abandoned):
 - prefill cached: prompt tokens served from the sampler's prefix cache (the turn's prompt minus
   what was computed);
 - sample: tokens sampled (`turns.completion_ids`);
-- train: tokens the learner trained on, the sum of `train/tokens` over `metrics.jsonl`.
+- train: tokens the learner trained on, the sums of `train/tokens` (RL) and `warm_start/tokens`
+  (supervised warm start) over `metrics.jsonl`.
 A missing file counts zero; a line cut short by a crash is skipped.
 """
 
@@ -43,7 +44,8 @@ def _trained_tokens(metrics: Path) -> int:
     total = 0.0
     for line in metrics.read_text(encoding="utf-8").splitlines():
         try:
-            total += float(json.loads(line).get("train/tokens", 0.0))
+            row = json.loads(line)
+            total += float(row.get("train/tokens", 0.0)) + float(row.get("warm_start/tokens", 0.0))
         except (ValueError, AttributeError):
             continue
     return int(total)

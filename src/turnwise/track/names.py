@@ -87,6 +87,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("train/in_flight", "last", "rollouts running when the step began training"),
     ("warm_start/loss", "mean", "cross-entropy of the supervised warm start, per warm-start step"),
     ("warm_start/grad_norm", "last", "its gradient norm before clipping"),
+    ("warm_start/tokens", "sum", "tokens trained by the warm-start step (billed as trained tokens)"),
 )
 """(name, reduction, meaning) of every metric."""
 

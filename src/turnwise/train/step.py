@@ -290,10 +290,12 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
     for _ in range(ws.epochs):
         rng.shuffle(datums)
         for start in range(0, max(1, len(datums) - ws.batch_size + 1), ws.batch_size):
-            metrics = backend.forward_backward(datums[start:start + ws.batch_size], "cross_entropy", options)
+            batch = datums[start:start + ws.batch_size]
+            metrics = backend.forward_backward(batch, "cross_entropy", options)
             metrics |= backend.optim_step(adam_params(cfg, ws.learning_rate * schedule(k)))
             k += 1
-            logger.log_metrics({"warm_start/loss": metrics["loss/value"], "warm_start/grad_norm": metrics["loss/grad_norm"]}, k)
+            logger.log_metrics({"warm_start/loss": metrics["loss/value"], "warm_start/grad_norm": metrics["loss/grad_norm"],
+                                "warm_start/tokens": float(sum(len(d.segment.tokens_T) for d in batch))}, k)
             progress.update_warm_start(k, metrics.get("loss/value", 0.0))
             if stop.received:
                 return False
