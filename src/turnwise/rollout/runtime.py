@@ -64,6 +64,8 @@ def tinker_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, A
     from turnwise.policy.chat import ChatFormat
     from turnwise.policy.tinker import open_sampler
 
+    if not cfg.tinker.base_model:
+        raise ConfigError("sampler.backend tinker needs tinker.base_model (the service's name of the model)")
     if not cfg.model.path or not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError("sampler.backend tinker needs model.path: a local directory with the model's "
                           "tokenizer and chat template (its weights stay at the service)")
