@@ -103,7 +103,8 @@ def run_server(model_dir: Path, work: Path, *, timeout: float = 300.0) -> tuple[
 
     port = free_port()
     log = (work / "skyrl.log").open("wb")
-    backend = {"max_lora_adapters": 8, "max_lora_rank": 8}
+    # fixed batch shapes (sampling padded to 4 sequences, training 1 per micro-batch): fewer JIT compiles
+    backend = {"max_lora_adapters": 8, "max_lora_rank": 8, "sample_max_num_sequences": 4, "train_micro_batch_size": 1}
     cmd = [str(VENV_PYTHON), str(Path(__file__).resolve()), "--base-model", str(model_dir), "--backend", "jax",
            "--backend-config", json.dumps(backend), "--checkpoints-base", str(work / "checkpoints"),
            "--database-url", f"sqlite:///{work / 'tinker.db'}", "--host", "127.0.0.1", "--port", str(port)]

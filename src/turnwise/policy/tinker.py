@@ -122,8 +122,9 @@ class TinkerSampler:
             raise ValueError("the Tinker sampler stops on the chat format's end-of-turn tokens only; "
                              "stop strings are not supported")
         client, version = self._client_now()
+        seed = None if params.seed is None else params.seed % 2**31  # SkyRL's server takes int32 seeds
         sp = tinker.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                   top_p=params.top_p, seed=params.seed, stop=self.stop_token_ids)
+                                   top_p=params.top_p, seed=seed, stop=self.stop_token_ids)
         cached = 0
         self._enter()
         try:

@@ -204,8 +204,11 @@ class TinkerBackend:
         the service serves archives (else only `tinker_state.json` with their path)."""
         saved = self.client.save_weights_for_sampler(f"final-v{self.version}").result()
         state = {"sampler_path": saved.path, "policy_version": self.version}
+        # tinker://<run>/[sampler_weights/]<name>: SkyRL 0.3.0 leaves out the middle part, which the
+        # SDK's get_checkpoint_archive_url_from_tinker_path requires, so the two ids go separately
+        run, _, rest = saved.path.removeprefix("tinker://").partition("/")
         try:
-            archive = self.service.create_rest_client().get_checkpoint_archive_url_from_tinker_path(saved.path) \
+            archive = self.service.create_rest_client().get_checkpoint_archive_url(run, rest.rsplit("/", 1)[-1]) \
                 .result()
         except Exception as e:  # a service without archives: the weights stay there
             self._write_state(path, state | {"download": f"not offered by the service: {type(e).__name__}"})
