@@ -65,6 +65,8 @@ class ModelConfig(_Section):
 class TrainerConfig(_Section):
     """The learner: one process (`nproc` 1) or FSDP2 data parallel over `nproc` ranks."""
 
+    backend: Literal["local", "tinker"] = "local"
+    """tinker: a Tinker-API service trains LoRA adapters (rank `lora_rank`, else 32; section `tinker`)."""
     nproc: int = Field(1, ge=1)
     """Learner ranks (gloo on the CPU, nccl on CUDA, a GPU each); rank 0 is the turnwise process."""
     activation_checkpointing: bool = False
@@ -72,8 +74,17 @@ class TrainerConfig(_Section):
 
 
 class SamplerConfig(_Section):
+    backend: Literal["local", "tinker"] = "local"  # tinker: the service's sampler (section `tinker`)
     max_batch_size: int = Field(64, ge=1)
     """Most sequences decoded together."""
+
+
+class TinkerConfig(_Section):
+    """A Tinker-API service (`turnwise.policy.tinker`); `model.path`: the model's tokenizer, locally."""
+
+    base_url: str | None = None  # None: $TINKER_BASE_URL, else Thinking Machines' service
+    api_key: str | None = None  # None: $TINKER_API_KEY
+    base_model: str | None = None  # the service's name of the model trained, e.g. Qwen/Qwen3-8B
 
 
 class DataConfig(_Section):
@@ -97,21 +108,18 @@ class AgentConfig(_Section):
     api_key: str | None = None
     """Bearer key the agent server requires on /rollout (its inbound_api_key; kind http)."""
     endpoint: str | None = None
-    """Runtime URL as agents reach it (kinds http, worker). None: the runtime's own URL (http),
-    the URL the worker leased from (worker)."""
+    """Runtime URL as agents reach it (http, worker); None: the runtime's own, the leased one (worker)."""
     concurrency: int = Field(64, ge=1)
     """Most rollouts running at once (kinds python, http; workers set their own)."""
     rollout_timeout: float = Field(300.0, gt=0)
     """Seconds before a rollout counts as failed."""
     queue_timeout: float = Field(600.0, gt=0)
-    """Kind worker: seconds with rollouts queued and no worker leasing any before the queued ones
-    fail, so a step never waits forever on workers that are not there. Above rollout_timeout."""
+    """Kind worker: seconds with rollouts queued and no worker leasing any before they fail (> rollout_timeout)."""
     rollout_max_retries: int = Field(2, ge=0)
     """Fresh attempts, each with a new trajectory id, after a rollout that never ran its course:
     http: connection error, HTTP 429/5xx or timeout; worker: the worker died (its lease expired)."""
     retry_backoff: float = Field(0.5, gt=0)
-    """Kind http: seconds before the first retry, doubled for each next one, with +-50% jitter
-    (each wait at most `rollout_timeout`)."""
+    """Kind http: seconds before the first retry, doubled each time (+-50% jitter, <= rollout_timeout)."""
     unavailable_timeout: float = Field(300.0, gt=0)
     """Kind http: an agent server that is down (GET /health fails) pauses dispatch for up to this
     many seconds; then the run stops with a checkpoint and a one-line message."""
@@ -138,13 +146,11 @@ class TrackingConfig(_Section):
     progress: bool = True
     """Rich progress bars when stdout is a terminal."""
     console: Literal["auto", "on", "off"] = "auto"
-    """A plain line per RL step (and every tenth of the warm start) on stdout; auto: when stdout
-    is not a terminal (CI logs, nohup, `make demo > log.txt`)."""
+    """A plain line per RL step (and every tenth of the warm start); auto: when stdout is no terminal."""
     traces: bool = True
     """Log a sample of each step's rollouts as MLflow traces (a span per turn and per tool call)."""
     traces_per_step: int | None = Field(2, ge=0)
-    """Groups per step logged as traces (all their rollouts); None: every group. Each step also
-    logs a table of all its rollouts (task, final output, expected, reward, verdict)."""
+    """Groups per step logged as traces (all their rollouts; None: all); a table lists every rollout."""
     log_checkpoints: bool = True
     """Log checkpoint weights as MLflow artifacts (and register the final model)."""
     register_model: str | None = None
@@ -163,9 +169,8 @@ class RuntimeConfig(_Section):
     port: int = Field(0, ge=0, le=65535)
     """0 picks a free port."""
     api_keys: tuple[Annotated[str, Field(min_length=8)] | ApiKeyConfig, ...] = ()
-    """Bearer keys (8+ characters); required when binding beyond loopback. A plain string acts on
-    the server's own job; `{key: ..., job: ...}` reaches only that job (turnwise.runtime.auth).
-    A mapping `{key: job_id, ...}` is the same as a list of such entries."""
+    """Bearer keys (8+ characters), required beyond loopback: a string acts on the server's own job,
+    `{key: ..., job: ...}` (or a mapping `{key: job_id}`) reaches only that job (turnwise.runtime.auth)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -185,8 +190,7 @@ class RuntimeConfig(_Section):
     Each case is counted (`/jobs/{id}/stats` sampling_overrides)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     opaque_tokens_on_loopback: bool = False
-    """With api_keys: also accept unknown bearer tokens from loopback peers (the managed agent
-    SDK's signed AWS tokens, which turnwise cannot verify); see turnwise.runtime.auth."""
+    """With api_keys: also accept unknown bearer tokens from loopback peers (turnwise.runtime.auth)."""
 
     def own_key(self) -> str | None:
         """The key the trainer's own clients send: the first plain key, else the first key's."""
@@ -196,8 +200,8 @@ class RuntimeConfig(_Section):
 
 class SandboxConfig(_Section):
     require_isolation: bool = True
-    """Refuse to run sandboxed code without bubblewrap; false runs the weaker layers (recorded in
-    each result's `isolation`). Exported to the environment as TURNWISE_SANDBOX_REQUIRE_ISOLATION."""
+    """Refuse to run sandboxed code without bubblewrap; false runs the weaker layers (each result's
+    `isolation`). Exported as TURNWISE_SANDBOX_REQUIRE_ISOLATION."""
 
     def export(self) -> None:
         """Make `turnwise.env.sandbox` (in this process and those it starts) follow this setting."""
@@ -231,8 +235,8 @@ class EvalConfig(_Section):
     max_tasks: int | None = Field(None, ge=1)
     """Evaluate only the first N test tasks."""
     gate: dict[str, float | str] = Field(default_factory=dict)
-    """Deployment gate, `{metric: threshold}`: a number means >=; or a string "<= 0.2", "> 0.5".
-    With `--compare`, `delta/<metric>` gates on B - A. Any failed check makes the exit code 1."""
+    """Deployment gate `{metric: threshold}` (a number means >=; or "<= 0.2", "> 0.5"; with `--compare`,
+    `delta/<metric>` gates on B - A); any failed check makes the exit code 1."""
     bootstrap_samples: int = Field(1000, ge=0)
     """Paired bootstrap resamples of tasks for the confidence intervals of `--compare` (0: none)."""
     confidence: float = Field(0.95, gt=0, lt=1)
@@ -262,8 +266,7 @@ class JobConfig(_Section):
     output_dir: str = "runs"
     seed: int = 0
     plugins: tuple[str, ...] = ()
-    """Modules imported when the config loads, e.g. ones that `@register_loss` or
-    `@register_advantage` (the agent may run elsewhere, so its module is not enough)."""
+    """Modules imported at load, e.g. ones that `@register_loss` (the agent may run elsewhere)."""
 
     # batch shape and schedule
     global_batch_size: int = Field(128, ge=1)
@@ -331,6 +334,7 @@ class JobConfig(_Section):
     model: ModelConfig = ModelConfig()
     sampler: SamplerConfig = SamplerConfig()
     trainer: TrainerConfig = TrainerConfig()
+    tinker: TinkerConfig = TinkerConfig()
     data: DataConfig = DataConfig()
     agent: AgentConfig = AgentConfig()
     warm_start: WarmStartConfig = WarmStartConfig()

@@ -45,12 +45,33 @@ def load_engine(cfg: JobConfig, model_path: str | None = None, *,
     from turnwise.policy.load import load_policy
     from turnwise.policy.sampler import SamplerEngine
 
+    if cfg.sampler.backend == "tinker":  # the service holds the weights: no model here
+        return (None, *tinker_engine(cfg, model_path))
     model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
     model, tokenizer = load_policy(model_cfg)
     chat = ChatFormat(tokenizer, cfg.model.chat_format)
     engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
                            stop_token_ids=chat.stop_token_ids, copy_model=copy_model)
     return model, tokenizer, chat, engine
+
+
+def tinker_engine(cfg: JobConfig, model_path: str | None = None) -> tuple[Any, Any, Any]:
+    """(tokenizer, chat format, `policy.tinker.TinkerSampler`): the tokenizer and chat template
+    from `model.path`, the weights at the service (`model_path`: a Tinker checkpoint directory)."""
+    from transformers import AutoTokenizer
+
+    from turnwise.config import ConfigError
+    from turnwise.policy.chat import ChatFormat
+    from turnwise.policy.tinker import open_sampler
+
+    if not cfg.tinker.base_model:
+        raise ConfigError("sampler.backend tinker needs tinker.base_model (the service's name of the model)")
+    if not cfg.model.path or not Path(cfg.model.path).expanduser().is_dir():
+        raise ConfigError("sampler.backend tinker needs model.path: a local directory with the model's "
+                          "tokenizer and chat template (its weights stay at the service)")
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.model.path).expanduser())
+    chat = ChatFormat(tokenizer, cfg.model.chat_format)
+    return tokenizer, chat, open_sampler(cfg, chat.stop_token_ids, model_path)
 
 
 class EmbeddedRuntime:

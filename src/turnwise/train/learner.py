@@ -1,6 +1,7 @@
 """The learner of a run: the policy it trains (full weights or LoRA adapters, in which precision,
 with activation checkpointing or not) and the training backend over it (one process, or FSDP2
-ranks when `trainer.nproc` > 1). `train.step.open_run` calls `open_backend`; nothing else picks one.
+ranks when `trainer.nproc` > 1, or a Tinker-API service with `trainer.backend: tinker`).
+`train.step.open_run` calls `open_backend`; nothing else picks one.
 
 - Full fine-tuning keeps fp32 master weights (the model is cast up if `model.dtype` is lower) and
   computes in `model.dtype` under autocast; the sampler holds its own copy in `model.dtype`.
@@ -29,6 +30,11 @@ _DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch
 def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Iterator[TrainingBackend]:
     """The backend training `rt.model` (an `EmbeddedRuntime`'s) and publishing to `rt.engine`;
     `warm_dir`: the warm start's checkpoint, which saved adapters name as their base."""
+    if cfg.trainer.backend == "tinker":  # the service trains; `rt.model` is None
+        from turnwise.train.tinker_backend import open_tinker
+
+        yield open_tinker(cfg, rt)
+        return
     model = rt.model
     sizes = cfg.lora_sizes()
     compute = resolve_dtype(cfg.model)

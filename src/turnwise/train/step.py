@@ -111,15 +111,21 @@ def open_run(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logge
             contextlib.ExitStack() as stack:
         progress = make_progress(cfg, total_steps)
         try:
+            remote = cfg.trainer.backend == "tinker"  # the service's adapters take the warm start too
+            backend = stack.enter_context(open_backend(cfg, rt)) if remote else None
             # 0. warm start (fresh runs only), then LoRA adapters
             if resume is None and cfg.warm_start.demos_path and cfg.warm_start.epochs > 0:
-                if not warm_start(cfg, rt, logger, progress, stop):  # a signal: nothing to resume yet
+                if not warm_start(cfg, rt, logger, progress, stop, backend):  # a signal: nothing to resume yet
                     yield None
                     return
-                save_checkpoint(rt.model, rt.tokenizer, warm_dir)
+                if backend is not None:
+                    backend.save_state(warm_dir)
+                else:
+                    save_checkpoint(rt.model, rt.tokenizer, warm_dir)
                 logger.log_checkpoint(warm_dir, "warm_start")
             # LoRA adapters or fp32 masters; one process or FSDP2 ranks (`train/learner.py`)
-            backend = stack.enter_context(open_backend(cfg, rt, warm_dir if warm_dir.is_dir() else None))
+            if backend is None:
+                backend = stack.enter_context(open_backend(cfg, rt, warm_dir if warm_dir.is_dir() else None))
             run = Run(cfg, rt, backend, rt.dispatcher(agent), logger, run_dir, progress, stop, train_tasks,
                       val_tasks, total_steps, started=started)
             if resume is not None:
@@ -272,17 +278,19 @@ def save_state(run: Run, step: int) -> Path:
 
 
 def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Progress,
-               stop: StopSignals) -> bool:
+               stop: StopSignals, backend: TrainingBackend | None = None) -> bool:
     """Step 0: supervised fine-tuning on demonstrations (cross_entropy on assistant tokens), with
-    its own optimizer. False when a stop signal ended it early (after the batch in progress)."""
+    its own optimizer (`backend` given, a Tinker service's: on it, whose Adam state RL continues).
+    False when a stop signal ended it early (after the batch in progress)."""
     demos = load_demos(cfg.warm_start.demos_path)  # type: ignore[arg-type]
     datums = [demo_to_datum(rt.chat, msgs, tools, f"demo-{i}") for i, (msgs, tools) in enumerate(demos)]
     rng = random.Random(cfg.seed)
     ws = cfg.warm_start
     n_batches = ws.epochs * max(1, len(datums) // ws.batch_size)
-    rt.model.requires_grad_(True)  # the sampler may share this model and froze it
-    backend = LocalBackend(rt.model, None, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
-                           temperature=1.0, compute_dtype=resolve_dtype(cfg.model))
+    if backend is None:
+        rt.model.requires_grad_(True)  # the sampler may share this model and froze it
+        backend = LocalBackend(rt.model, None, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
+                               temperature=1.0, compute_dtype=resolve_dtype(cfg.model))
     options = dataclasses.replace(cfg.loss_options(), loss_agg_mode="token-mean", kl_coef=0.0, tis_cap=None)
     schedule = lr_lambda(ws.lr_schedule, ws.warmup_steps, n_batches)
     progress.start_warm_start(n_batches)
@@ -294,8 +302,9 @@ def warm_start(cfg: JobConfig, rt: EmbeddedRuntime, logger: Logger, progress: Pr
             metrics = backend.forward_backward(batch, "cross_entropy", options)
             metrics |= backend.optim_step(adam_params(cfg, ws.learning_rate * schedule(k)))
             k += 1
-            logger.log_metrics({"warm_start/loss": metrics["loss/value"], "warm_start/grad_norm": metrics["loss/grad_norm"],
-                                "warm_start/tokens": float(sum(len(d.segment.tokens_T) for d in batch))}, k)
+            logger.log_metrics({"warm_start/loss": metrics["loss/value"],
+                                "warm_start/tokens": float(sum(len(d.segment.tokens_T) for d in batch))} | (
+                {"warm_start/grad_norm": metrics["loss/grad_norm"]} if "loss/grad_norm" in metrics else {}), k)  # a service may not report the norm
             progress.update_warm_start(k, metrics.get("loss/value", 0.0))
             if stop.received:
                 return False
