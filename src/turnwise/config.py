@@ -71,9 +71,18 @@ class TrainerConfig(_Section):
     """Recompute each decoder layer in the backward pass (less memory, ~30% more compute)."""
 
 
+class VLLMConfig(_Section):  # sampler.backend vllm: `vllm serve` replicas on loopback, or running servers
+    replicas: int = Field(1, ge=1, description="servers started, each on a free loopback port")
+    python: str = Field(".venv-vllm/bin/python", description="interpreter with vLLM (`make vllm`; GPUs: `vllm`)")
+    args: list[str] = Field([], description="extra `vllm serve` engine arguments; the environment is inherited")
+    urls: list[str] = Field([], description="attach instead (VLLM_SERVER_DEV_MODE=1, shared filesystem)")
+    max_retries: int = Field(2, ge=0, description="tries on another replica after one failed (sampler/retries)")
+
+
 class SamplerConfig(_Section):
-    max_batch_size: int = Field(64, ge=1)
-    """Most sequences decoded together."""
+    backend: Literal["local", "vllm"] = Field("local", description="local: in process; vllm: `sampler.vllm`")
+    max_batch_size: int = Field(64, ge=1, description="most sequences decoded together (local engine)")
+    vllm: VLLMConfig = VLLMConfig()
 
 
 class DataConfig(_Section):
@@ -339,11 +348,8 @@ class JobConfig(_Section):
     verify: VerifyConfig = VerifyConfig()
 
     def sampling_params(self, *, greedy: bool = False) -> SamplingParams:
-        return SamplingParams(
-            temperature=0.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.sampling_top_p,
-            max_tokens=self.sampling_max_tokens,
-        )
+        return SamplingParams(temperature=0.0 if greedy else self.temperature,
+                              top_p=1.0 if greedy else self.sampling_top_p, max_tokens=self.sampling_max_tokens)
 
     def inference_params(self, *, greedy: bool = False) -> dict[str, float | int]:
         """The sampling settings sent to agents with each rollout (`inference_params`)."""
@@ -353,10 +359,8 @@ class JobConfig(_Section):
     def loss_options(self) -> LossOptions:
         return LossOptions(
             clip_low_threshold=self.clip_low_threshold, clip_high_threshold=self.clip_high_threshold,
-            clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level,
-            loss_agg_mode=self.loss_agg_mode, loss_agg_norm=self.loss_agg_norm, tis_cap=self.tis_cap,
-            kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
-        )
+            clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level, loss_agg_mode=self.loss_agg_mode,
+            loss_agg_norm=self.loss_agg_norm, tis_cap=self.tis_cap, kl_coef=self.kl_coef, kl_estimator=self.kl_estimator)
 
     def advantage_options(self) -> AdvantageOptions:
         return AdvantageOptions(normalize_std=self.normalize_std, gamma=self.gamma)
