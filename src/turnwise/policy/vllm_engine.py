@@ -45,12 +45,15 @@ import httpx
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnwise.config import ModelConfig, VLLMConfig
+from turnwise.config import ConfigError, ModelConfig, VLLMConfig
 from turnwise.policy.sampler import EngineClosedError, PromptTooLongError
 from turnwise.policy.vllm_server import SERVED_NAME, STARTUP_TIMEOUT, VLLMServer, VLLMStartError, wait_healthy
 from turnwise.types import Completion, FinishReason, SamplingParams
 
 _AFFINITY_ENTRIES = 100_000
+_CPU_KV_BYTES = 1 << 30
+"""KV cache of a CPU server unless `sampler.vllm.args` sizes it (1 GiB: 4096-token contexts of the
+tiny model for hundreds of sequences)."""
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
@@ -136,6 +139,7 @@ class VLLMEngine:
         self._control = httpx.Client(timeout=STARTUP_TIMEOUT, trust_env=False)
         self._started = False
         self._closed = False
+        self._keep_logs = bool(os.environ.get("TURNWISE_KEEP_VLLM_LOGS"))
 
     @property
     def version(self) -> int:
@@ -158,6 +162,7 @@ class VLLMEngine:
             try:
                 self.replicas = [_Replica(s.wait(), s) for s in servers]
             except BaseException:
+                self._keep_logs = True  # the error names a log in the work directory
                 for s in servers:
                     s.stop()
                 raise
@@ -186,7 +191,7 @@ class VLLMEngine:
                 with contextlib.suppress(RuntimeError):
                     asyncio.run_coroutine_threadsafe(client.aclose(), loop)
         self._clients.clear()
-        if self._own_work_dir and not os.environ.get("TURNWISE_KEEP_VLLM_LOGS"):
+        if self._own_work_dir and not self._keep_logs:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> VLLMEngine:
@@ -384,9 +389,18 @@ def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
     """The engine for `model_cfg`: its servers load the model directory itself when it is a full
     Hugging Face model, else (the built-in tiny model is one; a LoRA adapter directory is not) the
     merged `model` saved to the engine's work directory first."""
-    from turnwise.policy.load import is_adapter_dir, resolve_dtype, resolve_model_dir
+    from turnwise.policy.load import is_adapter_dir, resolve_device, resolve_dtype, resolve_model_dir
 
     dtype = str(resolve_dtype(model_cfg)).removeprefix("torch.")
+    memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+    if resolve_device(model_cfg).type == "cpu" and not any(a.split("=")[0] in memory_flags for a in cfg.args) \
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # vLLM's CPU default reserves 92% of the machine's memory (`--gpu-memory-utilization` counts
+        # CPU memory there) and refuses to start beside a trainer; a fixed KV cache instead
+        cfg = cfg.model_copy(update={"args": [*cfg.args, "--kv-cache-memory-bytes", str(_CPU_KV_BYTES)]})
+    if shutil.which(cfg.python) is None:
+        raise ConfigError(f"sampler.vllm.python not found: {cfg.python}; run `make vllm`, or set it to an "
+                          "interpreter with vLLM installed")
     path = resolve_model_dir(model_cfg)
     work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-"))
     if is_adapter_dir(path):

