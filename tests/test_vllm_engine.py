@@ -43,7 +43,7 @@ def served(policy, tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     cfg = VLLMConfig(python=str(VLLM_PYTHON), replicas=2,
-                     args=["--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20)])
+                     args=["--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20), "--block-size", "32"])
     engine = VLLMEngine(cfg, model_dir, dtype="float32", stop_token_ids=stop_token_ids_for(tokenizer),
                         work_dir=tmp_path_factory.mktemp("vllm-work"))
     with engine:
@@ -76,7 +76,7 @@ def test_token_in_token_out_matches_the_trainer(served):
     for prompt, c in zip(prompts, sampled, strict=True):
         assert c.token_ids and len(c.logprobs) == len(c.token_ids) and c.version == engine.version
         diffs.append((_recomputed(model, prompt, c.token_ids, 1.0) - torch.tensor(c.logprobs)).abs().max())
-    for prompt, c in zip(prompts, greedy, strict=True):
+    for prompt, c in zip(prompts[:2], greedy, strict=True):
         diffs.append((_recomputed(model, prompt, c.token_ids, 1.0) - torch.tensor(c.logprobs)).abs().max())
         assert all(top[0][0] == tok for top, tok in zip(c.top_logprobs, c.token_ids, strict=True))
         assert len(c.top_logprobs) == len(c.token_ids) and all(len(top) == 3 for top in c.top_logprobs)
