@@ -205,8 +205,8 @@ class VLLMEngine:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        cache_key: str | None = None) -> Completion:
         """One completion of `prompt_ids` on a replica (see the module docstring for routing)."""
-        if self._closed:
-            raise EngineClosedError("vLLM engine closed")
+        if self._closed or not self._started:
+            raise EngineClosedError("vLLM engine closed" if self._closed else "vLLM engine not started")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids is empty")
