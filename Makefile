@@ -35,7 +35,8 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/turnwise demo
 
-test: $(STAMP)
+# the vLLM tests need .venv-vllm (first build: ~4 min on an idle 2-core machine, ~8 under load)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/python -m pytest -q
 
