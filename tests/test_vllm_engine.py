@@ -25,7 +25,7 @@ if not VLLM_PYTHON.is_file():
 from turnwise.config import VLLMConfig, load_config  # noqa: E402
 from turnwise.policy.chat import stop_token_ids_for  # noqa: E402
 from turnwise.policy.logprobs import token_logprobs  # noqa: E402
-from turnwise.policy.vllm_engine import VLLMEngine  # noqa: E402
+from turnwise.policy.vllm_engine import VLLMEngine, save_untied, tied_names  # noqa: E402
 from turnwise.types import FinishReason, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -39,12 +39,11 @@ def served(policy, tmp_path_factory: pytest.TempPathFactory):
     """(engine over two replicas, the policy it serves, tokenizer)."""
     model, tokenizer = policy
     model_dir = tmp_path_factory.mktemp("vllm-model")
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_untied(model, tokenizer, model_dir, torch.float32)  # what `vllm_engine` serves for a tied model
     cfg = VLLMConfig(python=str(VLLM_PYTHON), replicas=2,
                      args=["--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20), "--block-size", "32"])
     engine = VLLMEngine(cfg, model_dir, dtype="float32", stop_token_ids=stop_token_ids_for(tokenizer),
-                        work_dir=tmp_path_factory.mktemp("vllm-work"))
+                        work_dir=tmp_path_factory.mktemp("vllm-work"), untied=tied_names(model))
     with engine:
         yield engine, model, tokenizer
 

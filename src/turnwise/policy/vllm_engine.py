@@ -112,13 +112,17 @@ class VLLMEngine:
     supports_top_logprobs = True
 
     def __init__(self, cfg: VLLMConfig, model_dir: Path, *, dtype: str, stop_token_ids: Collection[int],
-                 version: int = 0, work_dir: Path | None = None, own_work_dir: bool | None = None) -> None:
+                 version: int = 0, work_dir: Path | None = None, own_work_dir: bool | None = None,
+                 untied: tuple[str, str] | None = None) -> None:
         """`work_dir`: weights and server logs (None: a temporary directory); removed on `close`
-        when the engine made it (`own_work_dir`), unless TURNWISE_KEEP_VLLM_LOGS is set."""
+        when the engine made it (`own_work_dir`), unless TURNWISE_KEEP_VLLM_LOGS is set. `untied`:
+        (input embedding, output layer) names of a tied pair that the served copy holds apart
+        (`save_untied`); a state dict naming only the first sends it as both."""
         self.cfg = cfg
         self.model_dir = model_dir
         self.dtype = dtype
         self.stop_token_ids = sorted(int(t) for t in stop_token_ids)
+        self.untied = untied
         self._version = version
         self._own_work_dir = work_dir is None if own_work_dir is None else own_work_dir
         self.work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-")) if work_dir is None else work_dir
@@ -320,12 +324,10 @@ class VLLMEngine:
             raise EngineClosedError("vLLM engine not started")
         t0 = time.perf_counter()
         dtype = getattr(torch, self.dtype)
-        tensors, seen = {}, set()
-        for name, tensor in state_dict.items():
-            if tensor.data_ptr() in seen:  # tied weights (embeddings = lm_head): vLLM loads one
-                continue
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor.detach().to("cpu", dtype).contiguous()
+        # a tied pair shares storage, which safetensors refuses: each name gets its own copy
+        tensors = {name: tensor.detach().to("cpu", dtype).contiguous().clone() for name, tensor in state_dict.items()}
+        if self.untied is not None and self.untied[1] not in tensors and self.untied[0] in tensors:
+            tensors[self.untied[1]] = tensors[self.untied[0]].clone()  # the served copy's own output layer
         with self._sync_lock:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.weights_dir / ".model.safetensors.tmp"
@@ -387,8 +389,8 @@ def _completion(data: dict[str, Any], version: int, top_k: int) -> Completion:
 def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
                 tokenizer: PreTrainedTokenizerBase, stop_token_ids: Collection[int]) -> VLLMEngine:
     """The engine for `model_cfg`: its servers load the model directory itself when it is a full
-    Hugging Face model, else (the built-in tiny model is one; a LoRA adapter directory is not) the
-    merged `model` saved to the engine's work directory first."""
+    Hugging Face model with untied embeddings; else (a LoRA adapter directory, tied embeddings,
+    the built-in tiny model) a copy of `model` that `save_untied` writes to the work directory."""
     from turnwise.policy.load import is_adapter_dir, resolve_device, resolve_dtype, resolve_model_dir
 
     dtype = str(resolve_dtype(model_cfg)).removeprefix("torch.")
@@ -403,8 +405,38 @@ def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
                           "interpreter with vLLM installed")
     path = resolve_model_dir(model_cfg)
     work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-"))
-    if is_adapter_dir(path):
+    untied = tied_names(model)
+    if is_adapter_dir(path) or untied is not None:
         path = work_dir / "model"
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return VLLMEngine(cfg, path, dtype=dtype, stop_token_ids=stop_token_ids, work_dir=work_dir, own_work_dir=True)
+        save_untied(model, tokenizer, path, getattr(torch, dtype))
+    return VLLMEngine(cfg, path, dtype=dtype, stop_token_ids=stop_token_ids, work_dir=work_dir, own_work_dir=True,
+                      untied=untied)
+
+
+def tied_names(model: PreTrainedModel) -> tuple[str, str] | None:
+    """(input embedding, output layer) parameter names when the two are one tensor, else None."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not model.get_input_embeddings().weight:
+        return None
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    return (names[0], names[-1]) if len(names) == 2 else None
+
+
+def save_untied(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, dtype: torch.dtype) -> None:
+    """`model` as a Hugging Face directory whose output layer is its own tensor (equal to the
+    embedding). vLLM's in-place reload of a tied pair updates the embedding and leaves the
+    output layer's (CPU: prepacked) copy stale: logprobs then drift from the trainer's after the
+    first update. Held apart, both are reloaded."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    save_file({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
