@@ -276,6 +276,8 @@ class VLLMEngine:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
+            for closed in [other for other in self._clients if other.is_closed()]:
+                del self._clients[closed]  # an httpx client belongs to one loop; that one is gone
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
             client = httpx.AsyncClient(timeout=None, limits=limits, trust_env=False)
             self._clients[loop] = client
@@ -299,6 +301,9 @@ class VLLMEngine:
             if replica.server is not None and not self._closed:
                 replica.server.stop()
                 replica.server.start()
+                if self._closed:  # closed meanwhile: `close` may have missed this process
+                    replica.server.stop()
+                    return
                 replica.url = replica.server.wait()
                 self.restarts += 1
             else:
