@@ -165,7 +165,7 @@ def test_a_killed_replica_loses_no_request(served):
     async def run_and_kill():
         tasks = [asyncio.ensure_future(engine.generate(p, params, cache_key=k)) for p, k in zip(prompts, keys, strict=True)]
         await asyncio.sleep(1.0)
-        assert engine.router.load[0] > 0 and not any(t.done() for t in tasks)  # some are in flight on the victim
+        assert engine.router.load[0] > 0  # some are in flight on the victim (others may have stopped early)
         victim.server.kill()
         killed.set()
         return await asyncio.gather(*tasks)
