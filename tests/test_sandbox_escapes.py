@@ -218,7 +218,7 @@ def test_reading_the_parents_proc_and_environment_fails(monkeypatch):
     assert r.status is not S.OK and secret not in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("path", [str(TASK_DATA), str(REPO / "src" / "turnwise" / "config.py"), "/etc/passwd",
+@pytest.mark.parametrize("path", [str(TASK_DATA), str(REPO / "src" / "turnwise" / "config" / "__init__.py"), "/etc/passwd",
                                   "/etc/shadow", os.path.expanduser("~/.bash_history"), str(REPO), "/work", "/home"])
 def test_reading_task_data_and_host_files_fails(path: str):
     ops = {"read": f"print(len(open({path!r}, 'rb').read()))", "list": f"assert os.listdir({path!r}) is not None",

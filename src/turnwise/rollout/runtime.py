@@ -40,7 +40,8 @@ def runtime_app(cfg: JobConfig, *, sampler: Sampler, chat: Chat, store: Trajecto
 def load_engine(cfg: JobConfig, model_path: str | None = None, *,
                 copy_model: bool = True) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, chat format, sampler engine) for `cfg.model` (or `model_path`); the
-    engine holds its own copy of the weights (`copy_model` False: the model itself) and is not started."""
+    engine holds its own copy of the weights (`copy_model` False: the model itself) and is not started.
+    `sampler.backend` vllm: the engine is vLLM servers (`policy/vllm_engine.py`), started with it."""
     from turnwise.policy.chat import ChatFormat
     from turnwise.policy.load import load_policy
     from turnwise.policy.sampler import SamplerEngine
@@ -50,6 +51,11 @@ def load_engine(cfg: JobConfig, model_path: str | None = None, *,
     model_cfg = cfg.model if model_path is None else cfg.model.model_copy(update={"path": model_path})
     model, tokenizer = load_policy(model_cfg)
     chat = ChatFormat(tokenizer, cfg.model.chat_format)
+    if cfg.sampler.backend == "vllm":
+        from turnwise.policy.vllm_engine import vllm_engine
+
+        return model, tokenizer, chat, vllm_engine(cfg.sampler.vllm, model_cfg, model, tokenizer,
+                                                   chat.stop_token_ids)
     engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
                            stop_token_ids=chat.stop_token_ids, copy_model=copy_model)
     return model, tokenizer, chat, engine

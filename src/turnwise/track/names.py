@@ -71,6 +71,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("train/learning_rate", "last", "learning rate of the last optimizer step"),
     ("train/policy_version", "last", "version of the weights after the step"),
     ("train/epoch", "last", "epoch of the step's tasks"),
+    ("speed/weight_sync_s", "last", "seconds the step's weight sync took (write + reload on vLLM servers)"),
+    ("sampler/retries", "sum", "sampling requests tried again on another vLLM replica after theirs failed"),
     ("weights/bytes_sent", "last", "bytes the step's weight sync sent to the sampler (LoRA: the adapters only)"),
     ("train/tokens", "sum", "tokens trained this step (all substeps)"),
     ("train/trajectories", "sum", "trajectories that trained"),

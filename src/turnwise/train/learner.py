@@ -7,7 +7,8 @@ ranks when `trainer.nproc` > 1, or a Tinker-API service with `trainer.backend: t
   computes in `model.dtype` under autocast; the sampler holds its own copy in `model.dtype`.
 - LoRA (`cfg.lora_sizes()`): adapters in fp32 on a frozen base in `model.dtype`; the sampler runs
   an adapter twin that shares the base tensors with the policy (`policy.checkpoint.adapter_twin`),
-  so there is no second base copy in one process and weight sync sends the adapters only.
+  so there is no second base copy in one process and weight sync sends the adapters only. An
+  engine in other processes (vLLM servers) gets the merged weights instead.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
         model = apply_lora(model, *sizes)
         if warm_dir is not None:
             model.peft_config["default"].base_model_name_or_path = str(warm_dir)
-        rt.engine.replace_model(adapter_twin(model))
+        if hasattr(rt.engine, "replace_model"):  # one process: the sampler runs an adapter twin
+            rt.engine.replace_model(adapter_twin(model))
     else:
         model.float()  # fp32 master weights; the sampler keeps its own copy in model.dtype
     if cfg.trainer.activation_checkpointing:
@@ -50,9 +52,12 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
     if cfg.trainer.nproc == 1:
         yield LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
                            temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0, compute_dtype=compute,
-                           adapter_sync=sizes is not None)
+                           adapter_sync=sizes is not None and hasattr(rt.engine, "replace_model"))
         return
     from turnwise.train.distributed import DistributedBackend, LearnerSpec, RankGroup
+
+    if sizes is not None and not hasattr(rt.engine, "replace_model"):
+        raise ValueError("trainer.nproc > 1 with LoRA syncs adapters only: it needs sampler.backend local")
 
     spec = LearnerSpec(model=cfg.model, lora=sizes, compute_dtype=_DTYPE_NAMES[str(compute)],
                        micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,

@@ -43,6 +43,7 @@ from turnwise.train.step import (
     interrupted_before_rl,
     open_run,
     optimize,
+    publish,
     score,
     train_counts,
 )
@@ -72,8 +73,7 @@ def train(cfg: JobConfig, agent: AgentFn | None, run_dir: Path, logger: Logger) 
                 # 5. forward_backward + optim_step, num_substeps times
                 metrics |= optimize(run, datums, step)
                 # 6. the new weights to the sampler
-                metrics["train/policy_version"] = float(run.backend.save_weights_for_sampler())
-                metrics["weights/bytes_sent"] = float(run.backend.sync_bytes)
+                metrics |= publish(run)
             metrics |= {"speed/sample_s": t1 - t0, "speed/train_s": time.perf_counter() - t1, "train/epoch": epoch}
             # 7. log, validate, checkpoint
             end_step(run, step, groups, metrics, t0)

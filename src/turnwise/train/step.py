@@ -195,6 +195,14 @@ def optimize(run: Run, datums_D: Sequence[Datum], step: int) -> dict[str, float]
     return metrics | {"train/tokens": float(tokens)}
 
 
+def publish(run: Run) -> dict[str, float]:
+    """Step 6: the new weights to the sampler, timed."""
+    t0 = time.perf_counter()
+    version = run.backend.save_weights_for_sampler()
+    return {"train/policy_version": float(version), "weights/bytes_sent": float(run.backend.sync_bytes),
+            "speed/weight_sync_s": time.perf_counter() - t0}
+
+
 def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
     """Steps 2-6 on sampled groups (what the async loop runs in a worker thread)."""
     from turnwise.train.datums import groups_to_datums
@@ -204,9 +212,7 @@ def learn(run: Run, groups: Sequence[Group], step: int) -> dict[str, float]:
     datums, adv_metrics = groups_to_datums(kept, run.cfg.advantage_method, run.cfg.advantage_options())
     metrics |= adv_metrics | train_counts(kept) | {"train/tokens": 0.0}
     if datums:
-        metrics |= optimize(run, datums, step)
-        metrics["train/policy_version"] = float(run.backend.save_weights_for_sampler())
-        metrics["weights/bytes_sent"] = float(run.backend.sync_bytes)
+        metrics |= optimize(run, datums, step) | publish(run)
     return metrics | {"speed/train_s": time.perf_counter() - t1}
 
 
@@ -223,6 +229,7 @@ def end_step(run: Run, step: int, groups: Sequence[Group], metrics: dict[str, fl
     """Step 7: metrics, rollouts (JSONL, traces), progress, validation, checkpoint."""
     cfg = run.cfg
     metrics.setdefault("train/dropped_stale", 0.0)
+    metrics |= getattr(run.rt.engine, "step_metrics", dict)()  # an engine's own counters (vLLM: sampler/retries)
     metrics["speed/step_s"] = time.perf_counter() - t0
     metrics["speed/tokens_per_s"] = (metrics.get("rollout/sample_tokens", 0.0)
                                           + metrics.get("train/tokens", 0.0)) / max(metrics["speed/step_s"], 1e-9)

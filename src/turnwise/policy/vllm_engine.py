@@ -1,0 +1,447 @@
+"""VLLMEngine: the `Sampler` and `WeightSyncSampler` over vLLM servers (`sampler.backend: vllm`).
+
+Only token generation moves: the runtime server still renders prompts, captures turns and stores
+trajectories, and hands this engine token ids. Each request goes token-in/token-out to vLLM's
+OpenAI completions endpoint: `prompt` is the id list, the answer carries the sampled ids
+(`return_token_ids`) and their logprobs, so nothing is re-tokenized. The servers run with
+`--logprobs-mode processed_logprobs` (log softmax of the temperature-scaled logits, this repo's
+convention), `--generation-config vllm` (no model defaults such as top_k or a repetition penalty)
+and prefix caching.
+
+Routing (`Router`): a trajectory's turns (`cache_key`) go to the replica that served its last
+turn, whose prefix cache holds its KV; a new trajectory goes to the replica with the fewest
+requests in flight. A request whose replica fails (connection error, 5xx) is tried again on
+another one (`sampler/retries` counts those tries) while the failed replica is restarted (a server
+this engine started) or polled until healthy again (an attached one), then given the current
+weights.
+
+Weight sync (`update_weights`): the new weights are written as one safetensors file (in the
+servers' dtype; written beside and renamed, so a restarting replica never reads half a file) and
+every replica, paused with its requests kept (`/pause?mode=keep`), reloads them in place with
+`collective_rpc("reload_weights")` (vLLM's own loader), drops its prefix cache (running requests
+recompute their KV with the new weights) and resumes: requests in flight are never dropped. This is the path
+where NCCL and CUDA IPC do not apply (the CPU, a trainer on other machines). `Completion.version`
+is the version current when the request was sent: no token of it came from older weights, so the
+staleness bound of the async loop holds (it may be one version too old for a request that spanned
+an update, never too new).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from turnwise.config import ConfigError, ModelConfig, VLLMConfig
+from turnwise.policy.sampler import EngineClosedError, PromptTooLongError
+from turnwise.policy.vllm_server import SERVED_NAME, STARTUP_TIMEOUT, VLLMServer, VLLMStartError, wait_healthy
+from turnwise.types import Completion, FinishReason, SamplingParams
+
+_AFFINITY_ENTRIES = 100_000
+_CPU_KV_BYTES = 1 << 30
+"""KV cache of a CPU server unless `sampler.vllm.args` sizes it (1 GiB: 4096-token contexts of the
+tiny model for hundreds of sequences)."""
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+class SamplerUnavailableError(RuntimeError):
+    """No vLLM replica answered within the retries."""
+
+
+@dataclass
+class _Replica:
+    url: str
+    server: VLLMServer | None
+    """The process this engine started (None: an attached server)."""
+    in_flight: int = 0
+    up: bool = True
+
+
+class Router:
+    """Which replica serves a request: prefix affinity by `cache_key`, else the least loaded.
+    Thread-safe; the caller `release`s what `pick` returned."""
+
+    def __init__(self, n: int) -> None:
+        self.load = [0] * n
+        self.up = [True] * n
+        self._home: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def pick(self, cache_key: str | None, exclude: Collection[int] = ()) -> int | None:
+        """A live replica not in `exclude` (None: there is none now); counts the request on it."""
+        with self._lock:
+            live = [i for i, ok in enumerate(self.up) if ok and i not in exclude]
+            if not live:
+                return None
+            home = self._home.get(cache_key) if cache_key is not None else None
+            choice = home if home in live else min(live, key=lambda i: (self.load[i], i))
+            if cache_key is not None:
+                self._home[cache_key] = choice
+                self._home.move_to_end(cache_key)
+                while len(self._home) > _AFFINITY_ENTRIES:
+                    self._home.popitem(last=False)
+            self.load[choice] += 1
+            return choice
+
+    def release(self, i: int) -> None:
+        with self._lock:
+            self.load[i] -= 1
+
+    def set_up(self, i: int, up: bool) -> None:
+        with self._lock:
+            self.up[i] = up
+
+
+class VLLMEngine:
+    """Samples on vLLM servers: started here (`cfg.replicas`) or attached (`cfg.urls`)."""
+
+    supports_grammar = False
+    supports_top_logprobs = True
+
+    def __init__(self, cfg: VLLMConfig, model_dir: Path, *, dtype: str, stop_token_ids: Collection[int],
+                 version: int = 0, work_dir: Path | None = None, own_work_dir: bool | None = None,
+                 untied: tuple[str, str] | None = None) -> None:
+        """`work_dir`: weights and server logs (None: a temporary directory); removed on `close`
+        when the engine made it (`own_work_dir`), unless TURNWISE_KEEP_VLLM_LOGS is set. `untied`:
+        (input embedding, output layer) names of a tied pair that the served copy holds apart
+        (`save_untied`); a state dict naming only the first sends it as both."""
+        self.cfg = cfg
+        self.model_dir = model_dir
+        self.dtype = dtype
+        self.stop_token_ids = sorted(int(t) for t in stop_token_ids)
+        self.untied = untied
+        self._version = version
+        self._own_work_dir = work_dir is None if own_work_dir is None else own_work_dir
+        self.work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-")) if work_dir is None else work_dir
+        self.weights_dir = self.work_dir / "weights"
+        self.replicas: list[_Replica] = []
+        self.router = Router(0)
+        self.max_model_len: int | None = None
+        self.retries = 0
+        """Requests tried again on another replica (all time; `step_metrics` reports the increase)."""
+        self.restarts = 0
+        self.last_sync_s = 0.0
+        self.last_sync_bytes = 0
+        self._reported_retries = 0
+        self._sync_lock = threading.Lock()
+        """Held while weights are written and reloaded (one update at a time, none during a revival)."""
+        self._state_lock = threading.Lock()
+        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._control = httpx.Client(timeout=STARTUP_TIMEOUT, trust_env=False)
+        self._started = False
+        self._closed = False
+        self._keep_logs = bool(os.environ.get("TURNWISE_KEEP_VLLM_LOGS"))
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    # lifecycle
+
+    def start(self) -> VLLMEngine:
+        """Start the servers (all at once) or check the attached ones; waits for /health."""
+        if self._started:
+            return self
+        if self._closed:
+            raise EngineClosedError("engine is closed")
+        if self.cfg.urls:
+            for url in self.cfg.urls:
+                wait_healthy(url.rstrip("/"), STARTUP_TIMEOUT)
+            self.replicas = [_Replica(url.rstrip("/"), None) for url in self.cfg.urls]
+        else:
+            servers = [self._server(i).start() for i in range(self.cfg.replicas)]
+            try:
+                self.replicas = [_Replica(s.wait(), s) for s in servers]
+            except BaseException:
+                self._keep_logs = True  # the error names a log in the work directory
+                for s in servers:
+                    s.stop()
+                raise
+        self.router = Router(len(self.replicas))
+        self.max_model_len = self._max_model_len(self.replicas[0].url)
+        self._started = True
+        return self
+
+    def _server(self, i: int) -> VLLMServer:
+        return VLLMServer(self.cfg.python, self.model_dir, dtype=self.dtype, args=self.cfg.args,
+                          log_path=self.work_dir / f"vllm-{i}.log")
+
+    def _max_model_len(self, url: str) -> int | None:
+        models = self._control.get(url + "/v1/models").json().get("data", [])
+        return int(models[0]["max_model_len"]) if models and models[0].get("max_model_len") else None
+
+    def close(self) -> None:
+        """Stop the servers this engine started (attached ones keep running). Idempotent."""
+        self._closed = True
+        for r in self.replicas:
+            if r.server is not None:
+                r.server.stop()
+        self._control.close()
+        for loop, client in list(self._clients.items()):
+            if not loop.is_closed() and loop.is_running():
+                with contextlib.suppress(RuntimeError):
+                    asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+        self._clients.clear()
+        if self._own_work_dir and not self._keep_logs:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> VLLMEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # sampling
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       cache_key: str | None = None) -> Completion:
+        """One completion of `prompt_ids` on a replica (see the module docstring for routing)."""
+        if self._closed or not self._started:
+            raise EngineClosedError("vLLM engine closed" if self._closed else "vLLM engine not started")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty")
+        limit = self.max_model_len
+        if limit is not None and len(prompt) >= limit:
+            raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the model's context is {limit}")
+        version = self._version
+        if params.max_tokens <= 0:
+            return Completion((), (), FinishReason.LENGTH, version, 0)
+        body = self._body(prompt, params, limit)
+        client = self._client()
+        failed: set[int] = set()
+        attempts = 0
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            i = self.router.pick(cache_key, exclude=failed)
+            if i is None:  # every replica is down (or failed this request): wait for a restart
+                if time.monotonic() > deadline:
+                    raise SamplerUnavailableError("no vLLM replica is up")
+                await asyncio.sleep(0.2)
+                failed.clear()
+                continue
+            replica = self.replicas[i]
+            version = self._version
+            try:
+                response = await client.post(replica.url + "/v1/completions", json=body)
+                error = None if response.status_code < 500 else f"HTTP {response.status_code}"
+            except httpx.TransportError as e:
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                self.router.release(i)
+            if error is None:
+                break
+            self._replica_failed(i)
+            failed.add(i)
+            attempts += 1
+            if attempts > self.cfg.max_retries:
+                raise SamplerUnavailableError(f"vLLM replica {replica.url} failed ({error}); "
+                                              f"no try of {self.cfg.max_retries} retries succeeded")
+            self.retries += 1
+        if response.status_code != 200:
+            raise ValueError(f"vLLM refused the request: {response.text[:300]}")
+        return _completion(response.json(), version, params.top_logprobs)
+
+    def _body(self, prompt: list[int], params: SamplingParams, limit: int | None) -> dict[str, Any]:
+        max_tokens = params.max_tokens if limit is None else min(params.max_tokens, limit - len(prompt))
+        greedy = params.temperature <= 0
+        body: dict[str, Any] = {
+            "model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0 if greedy else params.temperature, "top_p": 1.0 if greedy else params.top_p,
+            "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "logprobs": params.top_logprobs, "stop_token_ids": self.stop_token_ids,
+            "skip_special_tokens": False, "spaces_between_special_tokens": False,
+            "include_stop_str_in_output": True, "return_token_ids": True, "return_tokens_as_token_ids": True,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for closed in [other for other in self._clients if other.is_closed()]:
+                del self._clients[closed]  # an httpx client belongs to one loop; that one is gone
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            client = httpx.AsyncClient(timeout=None, limits=limits, trust_env=False)
+            self._clients[loop] = client
+        return client
+
+    # failures
+
+    def _replica_failed(self, i: int) -> None:
+        """Take replica `i` out of routing and bring it back in a thread (once per failure)."""
+        replica = self.replicas[i]
+        with self._state_lock:
+            if not replica.up:
+                return
+            replica.up = False
+        self.router.set_up(i, False)
+        threading.Thread(target=self._revive, args=(i,), name=f"turnwise-vllm-revive-{i}", daemon=True).start()
+
+    def _revive(self, i: int) -> None:
+        replica = self.replicas[i]
+        try:
+            if replica.server is not None and not self._closed:
+                replica.server.stop()
+                replica.server.start()
+                if self._closed:  # closed meanwhile: `close` may have missed this process
+                    replica.server.stop()
+                    return
+                replica.url = replica.server.wait()
+                self.restarts += 1
+            else:
+                wait_healthy(replica.url, STARTUP_TIMEOUT)
+            with self._sync_lock:
+                if self._closed:
+                    return
+                if self.weights_dir.is_dir():  # it came back with the weights it started with
+                    self._reload(replica.url)
+                replica.up = True
+                self.router.set_up(i, True)
+        except (VLLMStartError, httpx.HTTPError, RuntimeError):
+            return  # stays out of routing; requests go to the others
+
+    # weight sync
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> int:
+        """Write `state_dict` (Hugging Face names) as safetensors and have every live replica reload
+        it in place; returns the new version. In-flight requests continue (module docstring)."""
+        from safetensors.torch import save_file
+
+        if not self._started:
+            raise EngineClosedError("vLLM engine not started")
+        t0 = time.perf_counter()
+        dtype = getattr(torch, self.dtype)
+        # a tied pair shares storage, which safetensors refuses: each name gets its own copy
+        tensors = {name: tensor.detach().to("cpu", dtype).contiguous().clone() for name, tensor in state_dict.items()}
+        if self.untied is not None and self.untied[1] not in tensors and self.untied[0] in tensors:
+            tensors[self.untied[1]] = tensors[self.untied[0]].clone()  # the served copy's own output layer
+        with self._sync_lock:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.weights_dir / ".model.safetensors.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.weights_dir / "model.safetensors")
+            for r in self.replicas:
+                if r.up:
+                    self._reload(r.url)
+            self._version = self._version + 1 if version is None else version
+        self.last_sync_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.last_sync_s = time.perf_counter() - t0
+        return self._version
+
+    def _reload(self, url: str) -> None:
+        """Pause (requests in flight are kept, frozen), reload the weights file in place, drop the
+        prefix cache (running requests are preempted and recompute their KV with the new weights:
+        no token after the swap reads old KV), resume."""
+        self._call(url, "/pause", params={"mode": "keep"})
+        try:
+            self._call(url, "/collective_rpc", json={
+                "method": "reload_weights", "kwargs": {"weights_path": str(self.weights_dir)}})
+            self._call(url, "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        finally:
+            self._call(url, "/resume")
+
+    def _call(self, url: str, path: str, **kwargs: Any) -> None:
+        response = self._control.post(url + path, **kwargs)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM {url}{path} answered {response.status_code}: {response.text[:300]} "
+                               "(weight sync needs a server started with VLLM_SERVER_DEV_MODE=1)")
+
+    def step_metrics(self) -> dict[str, float]:
+        """`sampler/retries` since the last call (the training loop logs it each step)."""
+        retries, self._reported_retries = self.retries - self._reported_retries, self.retries
+        return {"sampler/retries": float(retries)}
+
+
+def _completion(data: dict[str, Any], version: int, top_k: int) -> Completion:
+    choice = data["choices"][0]
+    tokens = tuple(int(t) for t in choice["token_ids"])
+    logprobs_obj = choice.get("logprobs") or {}
+    logprobs = tuple(float(lp) for lp in logprobs_obj.get("token_logprobs") or ())
+    if len(logprobs) != len(tokens):
+        raise RuntimeError(f"vLLM returned {len(tokens)} tokens but {len(logprobs)} logprobs")
+    finish = _FINISH.get(choice.get("finish_reason") or "")
+    if finish is None:
+        raise RuntimeError(f"vLLM finished a request with {choice.get('finish_reason')!r}")
+    usage = data.get("usage") or {}
+    cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+    computed = int(usage.get("prompt_tokens", 0)) - cached
+    tops: tuple[tuple[tuple[int, float], ...], ...] = ()
+    if top_k:
+        tops = tuple(tuple(sorted(((int(k.removeprefix("token_id:")), float(v)) for k, v in (d or {}).items()),
+                                  key=lambda kv: -kv[1])[:top_k])
+                     for d in logprobs_obj.get("top_logprobs") or ())
+    return Completion(tokens, logprobs, finish, version, computed, tops)
+
+
+def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
+                tokenizer: PreTrainedTokenizerBase, stop_token_ids: Collection[int]) -> VLLMEngine:
+    """The engine for `model_cfg`: its servers load the model directory itself when it is a full
+    Hugging Face model with untied embeddings; else (a LoRA adapter directory, tied embeddings,
+    the built-in tiny model) a copy of `model` that `save_untied` writes to the work directory."""
+    from turnwise.policy.load import is_adapter_dir, resolve_device, resolve_dtype, resolve_model_dir
+
+    dtype = str(resolve_dtype(model_cfg)).removeprefix("torch.")
+    memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+    if resolve_device(model_cfg).type == "cpu" and not any(a.split("=")[0] in memory_flags for a in cfg.args) \
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # vLLM's CPU default reserves 92% of the machine's memory (`--gpu-memory-utilization` counts
+        # CPU memory there) and refuses to start beside a trainer; a fixed KV cache instead
+        cfg = cfg.model_copy(update={"args": [*cfg.args, "--kv-cache-memory-bytes", str(_CPU_KV_BYTES)]})
+    if shutil.which(cfg.python) is None:
+        raise ConfigError(f"sampler.vllm.python not found: {cfg.python}; run `make vllm`, or set it to an "
+                          "interpreter with vLLM installed")
+    path = resolve_model_dir(model_cfg)
+    work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-"))
+    untied = tied_names(model)
+    if is_adapter_dir(path) or untied is not None:
+        path = work_dir / "model"
+        save_untied(model, tokenizer, path, getattr(torch, dtype))
+    return VLLMEngine(cfg, path, dtype=dtype, stop_token_ids=stop_token_ids, work_dir=work_dir, own_work_dir=True,
+                      untied=untied)
+
+
+def tied_names(model: PreTrainedModel) -> tuple[str, str] | None:
+    """(input embedding, output layer) parameter names when the two are one tensor, else None."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not model.get_input_embeddings().weight:
+        return None
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    return (names[0], names[-1]) if len(names) == 2 else None
+
+
+def save_untied(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, dtype: torch.dtype) -> None:
+    """`model` as a Hugging Face directory whose output layer is its own tensor (equal to the
+    embedding). vLLM's in-place reload of a tied pair updates the embedding and leaves the
+    output layer's (CPU: prepacked) copy stale: logprobs then drift from the trainer's after the
+    first update. Held apart, both are reloaded."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    save_file({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
