@@ -35,8 +35,10 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/turnwise demo
 
-# the vLLM tests need .venv-vllm (first build: ~4 min on an idle 2-core machine, ~8 under load)
-test: $(STAMP) $(VLLM_STAMP)
+# the vLLM tests need .venv-vllm (first build: ~4 min on an idle 2-core machine, ~8 under load), the
+# Tinker tests SkyRL's server in .venv-skyrl; the three virtualenvs build in parallel (-j3)
+test:
+	$(MAKE) -j3 $(STAMP) $(VLLM_STAMP) $(SKYRL_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/python -m pytest -q
 
@@ -45,8 +47,8 @@ lint: $(STAMP)
 
 # SkyRL's open Tinker API server (JAX, CPU) in its own virtualenv, for tests/test_train_tinker.py and
 # for trying `trainer.backend: tinker` locally: its pins (transformers<=5.8, peft 0.18.1, jax) are not
-# ours. torch is pinned as in pyproject.toml, so peft does not pull the newest (CUDA) one. Not part of
-# `make test` (the Tinker tests skip without it); started by tests/skyrl_server.py, not by `uv run`.
+# ours. torch is pinned as in pyproject.toml, so peft does not pull the newest (CUDA) one. Started by
+# tests/skyrl_server.py, not by `uv run`.
 SKYRL_VENV := .venv-skyrl
 SKYRL_STAMP := $(SKYRL_VENV)/.installed
 
