@@ -49,3 +49,13 @@ def test_bad_files(tmp_path: Path):
     bad.write_text("a: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_public_dump_masks_every_secret_and_keeps_the_rest():
+    cfg = load_config(None, ['runtime.api_keys=["key-of-this-run-0123", {key: other-key-4567, job: j}]',
+                             "tinker.api_key=tml-secret-89", "group_size=4"])
+    public = cfg.public_dump()
+    text = repr(public)
+    assert not any(s in text for s in ("key-of-this-run-0123", "other-key-4567", "tml-secret-89"))
+    assert public["runtime"]["api_keys"] == ["***", {"key": "***", "job": "j"}]
+    assert public["group_size"] == 4 and cfg.runtime.api_keys[0] == "key-of-this-run-0123"

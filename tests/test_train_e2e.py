@@ -28,6 +28,7 @@ def test_two_steps_record_trajectories_and_change_weights(tmp_path: Path, monkey
         f"warm_start.demos_path={demos}", "warm_start.epochs=1", "warm_start.batch_size=4",
         "global_batch_size=2", "group_size=2", "max_steps=2", "val_every=1", "sampling_max_tokens=16",
         "tracking.progress=false", "agent.function=e2e_agent:agent",
+        'runtime.api_keys=["key-of-this-run-0123"]',
     ])
     result, summary = run_train(cfg)
 
@@ -61,4 +62,8 @@ def test_two_steps_record_trajectories_and_change_weights(tmp_path: Path, monkey
 
     run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert "reward/mean" in run.data.metrics and run.data.params["group_size"] == "2"
+    # the run's config keeps its key for resume, readable by its owner only; MLflow gets it masked
+    assert (run_dir / "config.yaml").stat().st_mode & 0o777 == 0o600
+    assert "key-of-this-run-0123" in (run_dir / "config.yaml").read_text()
+    assert run.data.params["runtime.api_keys"] == "['***']"
     assert (run_dir / "reward_curve.png").stat().st_size > 0

@@ -174,6 +174,16 @@ class JobConfig(_Section):
     def advantage_options(self) -> AdvantageOptions:
         return AdvantageOptions(normalize_std=self.normalize_std, gamma=self.gamma)
 
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON-able data with its secrets (runtime API keys, the Tinker key) masked:
+        what goes to MLflow. The run directory's own `config.yaml` keeps them, for resume."""
+        data = self.model_dump(mode="json")
+        keys = data["runtime"]["api_keys"]
+        data["runtime"]["api_keys"] = ["***" if isinstance(k, str) else {**k, "key": "***"} for k in keys]
+        if data["tinker"]["api_key"] is not None:
+            data["tinker"]["api_key"] = "***"
+        return data
+
     def lora_sizes(self) -> tuple[int, int] | None:
         """(rank, alpha) of the LoRA adapters, or None for full fine-tuning."""
         rank = self.lora_rank or (32 if self.lora else 0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -82,9 +83,12 @@ def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResu
     silence_third_party_bars()  # before the model loads
     agent = load_agent(cfg.agent.function) if cfg.agent.kind == "python" else None
     run_dir = new_run_dir(cfg) if resume_dir is None else Path(resume_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    config_path = run_dir / "config.yaml"
+    config_path.touch(mode=0o600)  # it holds the API keys, which resume needs
+    config_path.chmod(0o600)
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     logger = make_logger(cfg, run_dir, run_dir.name if resume_dir is None else f"{run_dir.name}-resumed")
-    logger.log_params(flatten_params(cfg.model_dump(mode="json")) | ({"resumed_from": str(run_dir)} if resume_dir else {}))
+    logger.log_params(flatten_params(cfg.public_dump()) | ({"resumed_from": str(run_dir)} if resume_dir else {}))
     train = select_loop(cfg)
     mlflow_logger = logger.find(MlflowLogger)
     registered = None
@@ -94,7 +98,9 @@ def run_train(cfg: JobConfig, resume_dir: Path | None = None) -> tuple[TrainResu
         if curve:
             logger.log_artifact(curve)
         logger.log_artifact(run_dir / "metrics.jsonl")
-        logger.log_artifact(run_dir / "config.yaml")
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow's copy, with the secrets masked
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.public_dump(), sort_keys=False))
+            logger.log_artifact(Path(tmp) / "config.yaml")
         if mlflow_logger and not result.interrupted and (run_dir / "checkpoints" / "final").is_dir():
             name = cfg.tracking.register_model or f"turnwise-{cfg.name}"
             version = mlflow_logger.register_model(name, "final")
