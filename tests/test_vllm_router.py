@@ -76,3 +76,14 @@ def test_a_completions_answer_becomes_a_completion():
     assert c.version == 4 and c.prompt_tokens == 4 and c.top_logprobs == (((5, -0.5),), ((9, -0.25),))
     with pytest.raises(RuntimeError, match="abort"):
         _completion({"choices": [{"token_ids": [], "finish_reason": "abort", "logprobs": {}}]}, 0, 0)
+
+
+def test_the_default_interpreter_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from turnwise.policy.vllm_server import resolve_python
+
+    built = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    if not built.exists():
+        pytest.skip("no .venv-vllm in this checkout: run `make vllm`")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_python(".venv-vllm/bin/python") == str(built)
+    assert resolve_python("python3") == "python3"

@@ -58,12 +58,21 @@ def wait_healthy(url: str, timeout: float, alive: object = None) -> None:
             time.sleep(0.5)
 
 
+def resolve_python(python: str) -> str:
+    """`python` as given when it is found (a command name, or a path from the working directory);
+    else a relative path from turnwise's own checkout, where `make vllm` builds `.venv-vllm`."""
+    if shutil.which(python) is not None or Path(python).is_absolute():
+        return python
+    checkout = Path(__file__).resolve().parents[3] / python
+    return str(checkout) if shutil.which(str(checkout)) is not None else python
+
+
 class VLLMServer:
     """A `vllm serve <model_dir>` child process on 127.0.0.1:<free port>."""
 
     def __init__(self, python: str, model_dir: Path, *, dtype: str, args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, log_path: Path, startup_timeout: float = STARTUP_TIMEOUT) -> None:
-        self.python = python
+        self.python = resolve_python(python)
         self.model_dir = model_dir
         self.dtype = dtype
         self.args = list(args)
