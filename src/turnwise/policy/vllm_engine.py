@@ -47,7 +47,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from turnwise.config import ConfigError, ModelConfig, VLLMConfig
 from turnwise.policy.sampler import EngineClosedError, PromptTooLongError
-from turnwise.policy.vllm_server import SERVED_NAME, STARTUP_TIMEOUT, VLLMServer, VLLMStartError, wait_healthy
+from turnwise.policy.vllm_server import (
+    SERVED_NAME,
+    STARTUP_TIMEOUT,
+    VLLMServer,
+    VLLMStartError,
+    resolve_python,
+    wait_healthy,
+)
 from turnwise.types import Completion, FinishReason, SamplingParams
 
 _AFFINITY_ENTRIES = 100_000
@@ -405,6 +412,11 @@ def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
         # vLLM's CPU default reserves 92% of the machine's memory (`--gpu-memory-utilization` counts
         # CPU memory there) and refuses to start beside a trainer; a fixed KV cache instead
         cfg = cfg.model_copy(update={"args": [*cfg.args, "--kv-cache-memory-bytes", str(_CPU_KV_BYTES)]})
+    if resolve_device(model_cfg).type == "cpu" and not any("chunked-prefill" in a for a in cfg.args):
+        # vLLM 0.32's CPU runner fails every request of a batch (HTTP 500, `CPU Generator does not
+        # use offset`) when a seeded request's prefill is split across steps; whole prefills only
+        cfg = cfg.model_copy(update={"args": [*cfg.args, "--no-enable-chunked-prefill"]})
+    cfg = cfg.model_copy(update={"python": resolve_python(cfg.python)})
     if shutil.which(cfg.python) is None:
         raise ConfigError(f"sampler.vllm.python not found: {cfg.python}; run `make vllm`, or set it to an "
                           "interpreter with vLLM installed")
