@@ -3,8 +3,9 @@ the tiny model, shared by every test here (starting one takes minutes on a small
 
 In file order: token-exact sampling (trainer-recomputed logprobs equal vLLM's), weight sync
 (outputs change, a request in flight survives it), two training steps of the demo's environment
-attached to the servers, then a replica killed mid-request (nothing lost, the retry counted, the
-replica restarted)."""
+attached to the servers, a replica killed mid-request (nothing lost, the retry counted, the
+replica restarted), then LoRA adapter sync (each version served by name, a request in flight
+finishes on its own version)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ if not VLLM_PYTHON.is_file():
 
 from turnwise.config import VLLMConfig, load_config  # noqa: E402
 from turnwise.policy.chat import stop_token_ids_for  # noqa: E402
+from turnwise.policy.checkpoint import adapter_state_dict, apply_lora  # noqa: E402
 from turnwise.policy.logprobs import token_logprobs  # noqa: E402
 from turnwise.policy.vllm_engine import VLLMEngine, save_untied, tied_names  # noqa: E402
 from turnwise.types import FinishReason, SamplingParams  # noqa: E402
@@ -44,7 +46,7 @@ def served(policy, tmp_path_factory: pytest.TempPathFactory):
     cfg = VLLMConfig(python=str(VLLM_PYTHON), replicas=2,
                      args=["--enforce-eager", "--kv-cache-memory-bytes", str(512 << 20), "--block-size", "32"])
     engine = VLLMEngine(cfg, model_dir, dtype="float32", stop_token_ids=stop_token_ids_for(tokenizer),
-                        work_dir=tmp_path_factory.mktemp("vllm-work"), untied=tied_names(model))
+                        work_dir=tmp_path_factory.mktemp("vllm-work"), untied=tied_names(model), lora_rank=8)
     with engine:
         yield engine, model, tokenizer
 
@@ -120,7 +122,8 @@ def test_weight_sync_changes_outputs_and_keeps_requests_in_flight(served):
     assert diff < TOLERANCE, f"mismatch/logprob_abs_diff after the update {diff:.2e}"
 
 
-def test_two_training_steps_sample_on_vllm(served, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_training_steps_sample_on_vllm(served, tmp_path: Path, monkeypatch, lora: bool):
     from turnwise.train.job import run_train
 
     engine, _, _ = served
@@ -137,7 +140,7 @@ def test_two_training_steps_sample_on_vllm(served, tmp_path: Path, monkeypatch):
         f"data.val_path={tmp_path / 'val.jsonl'}", f"warm_start.demos_path={tmp_path / 'demos.jsonl'}",
         "warm_start.epochs=1", "warm_start.batch_size=4", "global_batch_size=2", "group_size=2", "max_steps=2",
         "val_every=1", "sampling_max_tokens=16", "tracking.progress=false", "agent.function=e2e_agent:agent",
-        "sampler.backend=vllm", f"sampler.vllm.urls={urls}",
+        "sampler.backend=vllm", f"sampler.vllm.urls={urls}", *(["lora_rank=8", "learning_rate=1e-2"] if lora else []),
     ])
     result, _ = run_train(cfg)
 
@@ -146,6 +149,8 @@ def test_two_training_steps_sample_on_vllm(served, tmp_path: Path, monkeypatch):
     steps = [m for m in metrics if "train/policy_version" in m]
     assert [m["train/policy_version"] for m in steps] == [2.0, 3.0]  # 1: the warm start's weights
     assert all(m["weights/bytes_sent"] > 0 and m["speed/weight_sync_s"] > 0 for m in steps)
+    # LoRA: the adapters only (rank 8 on the tiny model's 7 linear layers x 4: 0.5 MB), not 13.6 MB of weights
+    assert all((m["weights/bytes_sent"] < 1e6) == lora for m in steps)
     assert all(m["sampler/retries"] == 0 for m in steps)
     mismatch = max(m["train/logprob_mismatch_max"] for m in steps)
     assert mismatch < TOLERANCE, f"mismatch/logprob_abs_diff {mismatch:.2e}"
@@ -182,3 +187,60 @@ def test_a_killed_replica_loses_no_request(served):
     while not victim.server.alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert victim.server.alive()
+
+
+def test_lora_adapters_are_served_by_version(served):
+    engine, model, tokenizer = served
+    deadline = time.monotonic() + 600  # the previous test's victim: back in routing with these weights
+    while not all(engine.router.up) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert all(engine.router.up)
+    import copy
+
+    policy = apply_lora(copy.deepcopy(model), 8, 16)
+    gen = torch.Generator().manual_seed(4)
+
+    def new_adapters() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        return adapter_state_dict(policy)
+
+    v0 = engine.version
+    assert engine.serve_adapters(policy.peft_config["default"], {k: p.detach() for k, p in model.named_parameters()},
+                                 adapter_state_dict(policy))
+    assert engine.version == v0 and engine._loaded == [f"policy-{engine._adapter_tag}-v{v0}"]
+    prompts = _prompts(tokenizer, 2)
+    greedy = SamplingParams(0.0, 1.0, 16)
+    v1 = engine.update_weights(new_adapters())
+    assert engine.last_sync_bytes == sum(t.numel() * 4 for t in adapter_state_dict(policy).values())
+    first = asyncio.run(_gather(engine, prompts, greedy))
+    diffs = [(_recomputed(policy, p, c.token_ids, 1.0) - torch.tensor(c.logprobs)).abs().max()
+             for p, c in zip(prompts, first, strict=True)]
+    assert all(c.version == v1 for c in first) and max(diffs) < TOLERANCE, f"adapter logprobs {max(diffs):.2e}"
+    with torch.no_grad(), policy.disable_adapter():  # the adapters change what the base would say
+        base = _recomputed(policy, prompts[0], first[0].token_ids, 1.0)
+    assert (base - torch.tensor(first[0].logprobs)).abs().max() > 10 * TOLERANCE
+
+    v1_policy = copy.deepcopy(policy)
+
+    async def long_request_across_an_update():
+        task = asyncio.ensure_future(engine.generate(prompts[0], SamplingParams(1.0, 1.0, 300, seed=5)))
+        await asyncio.sleep(1.0)
+        assert not task.done()
+        await asyncio.to_thread(engine.update_weights, new_adapters())
+        return await task
+
+    spanning = asyncio.run(long_request_across_an_update())
+    v2 = engine.version
+    assert v2 == v1 + 1 and spanning.version == v1
+    # finish-then-swap: every token of the spanning request came from version 1's adapters
+    diff = (_recomputed(v1_policy, prompts[0], spanning.token_ids, 1.0) - torch.tensor(spanning.logprobs)).abs().max()
+    assert diff < TOLERANCE, f"spanning request vs its version's adapters {diff:.2e}"
+    after = asyncio.run(_gather(engine, prompts, greedy))
+    diff = (_recomputed(policy, prompts[1], after[1].token_ids, 1.0) - torch.tensor(after[1].logprobs)).abs().max()
+    assert all(c.version == v2 for c in after) and diff < TOLERANCE
+    engine.update_weights(new_adapters())  # version 1 has no request left: unloaded, its files gone
+    assert engine._loaded == [f"policy-{engine._adapter_tag}-v{v2 + 1}"]
+    assert [p.name for p in (engine.weights_dir / "adapters").iterdir()] == engine._loaded

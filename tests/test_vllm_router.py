@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +49,39 @@ def test_the_server_command_is_token_exact_and_loopback_only(tmp_path: Path):
                         ("--logprobs-mode", "processed_logprobs"), ("--dtype", "float32")):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--enable-prefix-caching" in cmd and cmd[-1] == "--enforce-eager"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_server_does_not_outlive_a_killed_trainer(tmp_path: Path):
+    """A trainer that is SIGKILLed cannot stop its servers; the kernel does (a stand-in server:
+    an "interpreter" that sleeps, started from a thread as a replica restart is)."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake.chmod(0o755)
+    trainer = subprocess.Popen([sys.executable, "-c", f"""
+import threading, time
+from pathlib import Path
+from turnwise.policy.vllm_server import VLLMServer
+def spawn():
+    s = VLLMServer({str(fake)!r}, Path({str(tmp_path)!r}), dtype="float32", log_path=Path({str(tmp_path / "log")!r}))
+    print(s.start()._proc.pid, flush=True)
+t = threading.Thread(target=spawn); t.start(); t.join()  # the spawning thread is gone: the server stays
+time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True)
+    server_pid = int(trainer.stdout.readline())
+    time.sleep(0.5)
+    os.kill(server_pid, 0)  # alive after its spawning thread ended
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(server_pid, 9)
+    pytest.fail("the server outlived its trainer")
 
 
 def test_a_missing_interpreter_is_a_one_line_error(tmp_path: Path):

@@ -24,6 +24,12 @@ where NCCL and CUDA IPC do not apply (the CPU, a trainer on other machines). `Co
 is the version current when the request was sent: no token of it came from older weights, so the
 staleness bound of the async loop holds (it may be one version too old for a request that spanned
 an update, never too new).
+
+LoRA (`serve_adapters`): servers started with `--enable-lora` keep the base weights and get only
+the adapters: each version is written as a PEFT directory and loaded under its own name
+(`/v1/load_lora_adapter`, `policy-<engine tag>-v<N>`); new requests name the newest, a request in flight
+finishes on the adapter it started with (finish-then-swap: its tokens all come from one version),
+and an adapter is unloaded once no request uses it.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +70,19 @@ _CPU_KV_BYTES = 1 << 30
 """KV cache of a CPU server unless `sampler.vllm.args` sizes it (1 GiB: 4096-token contexts of the
 tiny model for hundreds of sequences)."""
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for `--max-lora-rank`."""
+_PEFT_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB])\.[^.]+\.")
+"""The adapter-name part of a PeftModel parameter name (`...q_proj.lora_A.default.weight`),
+which PEFT's saved files leave out."""
 
 
 class SamplerUnavailableError(RuntimeError):
     """No vLLM replica answered within the retries."""
+
+
+class _RefusedError(RuntimeError):
+    """A control call answered 4xx (e.g. an adapter load on a server without LoRA)."""
 
 
 @dataclass
@@ -120,16 +137,18 @@ class VLLMEngine:
 
     def __init__(self, cfg: VLLMConfig, model_dir: Path, *, dtype: str, stop_token_ids: Collection[int],
                  version: int = 0, work_dir: Path | None = None, own_work_dir: bool | None = None,
-                 untied: tuple[str, str] | None = None) -> None:
+                 untied: tuple[str, str] | None = None, lora_rank: int | None = None) -> None:
         """`work_dir`: weights and server logs (None: a temporary directory); removed on `close`
         when the engine made it (`own_work_dir`), unless TURNWISE_KEEP_VLLM_LOGS is set. `untied`:
         (input embedding, output layer) names of a tied pair that the served copy holds apart
-        (`save_untied`); a state dict naming only the first sends it as both."""
+        (`save_untied`); a state dict naming only the first sends it as both. `lora_rank`: the
+        servers started here serve LoRA adapters up to that rank (`serve_adapters`)."""
         self.cfg = cfg
         self.model_dir = model_dir
         self.dtype = dtype
         self.stop_token_ids = sorted(int(t) for t in stop_token_ids)
         self.untied = untied
+        self.lora_rank = lora_rank
         self._version = version
         self._own_work_dir = work_dir is None if own_work_dir is None else own_work_dir
         self.work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-")) if work_dir is None else work_dir
@@ -151,6 +170,16 @@ class VLLMEngine:
         self._started = False
         self._closed = False
         self._keep_logs = bool(os.environ.get("TURNWISE_KEEP_VLLM_LOGS"))
+        self._adapter_config: Any = None
+        """The PEFT `LoraConfig` of the adapters synced (`serve_adapters`); None: full weights."""
+        self._served = SERVED_NAME
+        """The model name new requests ask for: the base, or the newest adapter."""
+        self._using: Counter[str] = Counter()
+        """Requests in flight per served name (an adapter is unloaded once it has none)."""
+        self._adapter_tag = os.urandom(3).hex()
+        """In adapter names: jobs attached to the same servers keep apart."""
+        self._loaded: list[str] = []
+        """Adapters loaded on the servers, oldest first (a restarted replica loads them again)."""
 
     @property
     def version(self) -> int:
@@ -183,7 +212,11 @@ class VLLMEngine:
         return self
 
     def _server(self, i: int) -> VLLMServer:
-        return VLLMServer(self.cfg.python, self.model_dir, dtype=self.dtype, args=self.cfg.args,
+        args = list(self.cfg.args)
+        if self.lora_rank is not None:  # two adapters at once: the newest and one finishing its requests
+            rank = next((r for r in _LORA_RANKS if r >= self.lora_rank), self.lora_rank)
+            args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "2"]
+        return VLLMServer(self.cfg.python, self.model_dir, dtype=self.dtype, args=args,
                           log_path=self.work_dir / f"vllm-{i}.log")
 
     def _max_model_len(self, url: str) -> int | None:
@@ -196,6 +229,10 @@ class VLLMEngine:
         for r in self.replicas:
             if r.server is not None:
                 r.server.stop()
+            elif r.up:  # an attached server outlives the job: its adapters go
+                for name in self._loaded:
+                    with contextlib.suppress(httpx.HTTPError, RuntimeError):
+                        self._call(r.url, "/v1/unload_lora_adapter", json={"lora_name": name})
         self._control.close()
         for loop, client in list(self._clients.items()):
             if not loop.is_closed() and loop.is_running():
@@ -228,6 +265,17 @@ class VLLMEngine:
         if params.max_tokens <= 0:
             return Completion((), (), FinishReason.LENGTH, version, 0)
         body = self._body(prompt, params, limit)
+        with self._state_lock:
+            body["model"] = served = self._served
+            version = self._version
+            self._using[served] += 1
+        try:
+            return await self._send(body, cache_key, version, params.top_logprobs)
+        finally:
+            with self._state_lock:
+                self._using[served] -= 1
+
+    async def _send(self, body: dict[str, Any], cache_key: str | None, version: int, top_k: int) -> Completion:
         client = self._client()
         failed: set[int] = set()
         attempts = 0
@@ -241,7 +289,6 @@ class VLLMEngine:
                 failed.clear()
                 continue
             replica = self.replicas[i]
-            version = self._version
             try:
                 response = await client.post(replica.url + "/v1/completions", json=body)
                 error = None if response.status_code < 500 else f"HTTP {response.status_code}"
@@ -260,7 +307,7 @@ class VLLMEngine:
             self.retries += 1
         if response.status_code != 200:
             raise ValueError(f"vLLM refused the request: {response.text[:300]}")
-        return _completion(response.json(), version, params.top_logprobs)
+        return _completion(response.json(), version, top_k)
 
     def _body(self, prompt: list[int], params: SamplingParams, limit: int | None) -> dict[str, Any]:
         max_tokens = params.max_tokens if limit is None else min(params.max_tokens, limit - len(prompt))
@@ -318,8 +365,10 @@ class VLLMEngine:
             with self._sync_lock:
                 if self._closed:
                     return
-                if self.weights_dir.is_dir():  # it came back with the weights it started with
+                if (self.weights_dir / "model.safetensors").is_file():  # it came back with the weights it started with
                     self._reload(replica.url)
+                for name in self._loaded:  # and with no adapters
+                    self._load_adapter(replica.url, name)
                 replica.up = True
                 self.router.set_up(i, True)
         except (VLLMStartError, httpx.HTTPError, RuntimeError):
@@ -327,15 +376,37 @@ class VLLMEngine:
 
     # weight sync
 
+    def serve_adapters(self, config: Any, base: Mapping[str, torch.Tensor],
+                       adapters: Mapping[str, torch.Tensor]) -> bool:
+        """Sync LoRA adapters of PEFT `config` (a `LoraConfig`) from now on instead of merged
+        weights: loads `base` (Hugging Face names, e.g. the warm start's weights) and `adapters`
+        (PeftModel names) as the current version. False, and nothing changed for the adapters,
+        when the servers cannot: started here without `lora_rank` (or a smaller one), or attached
+        ones that refuse the adapter (not started with `--enable-lora`, or a smaller rank)."""
+        if not self.cfg.urls and (self.lora_rank is None or config.r > self.lora_rank):
+            return False
+        self.update_weights(base, version=self._version)
+        self._adapter_config = config
+        try:
+            self._publish_adapter(adapters, self._version, getattr(torch, self.dtype), time.perf_counter())
+        except _RefusedError as e:
+            self._adapter_config = None
+            warnings.warn(f"the vLLM servers serve no LoRA adapters ({e}); syncing merged weights", stacklevel=2)
+            return False
+        return True
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> int:
         """Write `state_dict` (Hugging Face names) as safetensors and have every live replica reload
-        it in place; returns the new version. In-flight requests continue (module docstring)."""
+        it in place; returns the new version. In-flight requests continue (module docstring). After
+        `serve_adapters`, `state_dict` is the adapters (PeftModel names), loaded as a new adapter."""
         from safetensors.torch import save_file
 
         if not self._started:
             raise EngineClosedError("vLLM engine not started")
         t0 = time.perf_counter()
         dtype = getattr(torch, self.dtype)
+        if self._adapter_config is not None:
+            return self._publish_adapter(state_dict, version, dtype, t0)
         # a tied pair shares storage, which safetensors refuses: each name gets its own copy
         tensors = {name: tensor.detach().to("cpu", dtype).contiguous().clone() for name, tensor in state_dict.items()}
         if self.untied is not None and self.untied[1] not in tensors and self.untied[0] in tensors:
@@ -353,6 +424,54 @@ class VLLMEngine:
         self.last_sync_s = time.perf_counter() - t0
         return self._version
 
+    def _publish_adapter(self, state_dict: Mapping[str, torch.Tensor], version: int | None, dtype: torch.dtype,
+                         t0: float) -> int:
+        """The adapters as a PEFT directory, loaded on every live replica as `policy-<tag>-v<N>`;
+        new requests name it; adapters no request uses any more are unloaded."""
+        from safetensors.torch import save_file
+
+        if not all(".lora_" in name for name in state_dict):
+            raise ValueError("update_weights after serve_adapters takes the LoRA adapters only")
+        tensors = {_PEFT_NAME.sub(r".\1.", name): t.detach().to("cpu", dtype).contiguous().clone()
+                   for name, t in state_dict.items()}
+        new_version = self._version + 1 if version is None else version
+        name = f"{SERVED_NAME}-{self._adapter_tag}-v{new_version}"
+        with self._sync_lock:
+            path = self._adapter_path(name)
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._adapter_config.save_pretrained(str(tmp))
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            for r in self.replicas:
+                if r.up:
+                    self._load_adapter(r.url, name)
+            self._loaded.append(name)
+            with self._state_lock:
+                self._served, self._version = name, new_version
+                idle = [n for n in self._loaded if n != name and not self._using[n]]
+            for old in idle:
+                self._unload_adapter(old)
+        self.last_sync_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.last_sync_s = time.perf_counter() - t0
+        return self._version
+
+    def _adapter_path(self, name: str) -> Path:
+        return self.weights_dir / "adapters" / name
+
+    def _load_adapter(self, url: str, name: str) -> None:
+        self._call(url, "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(self._adapter_path(name))})
+
+    def _unload_adapter(self, name: str) -> None:
+        for r in self.replicas:
+            if r.up:
+                self._call(r.url, "/v1/unload_lora_adapter", json={"lora_name": name})
+        self._loaded.remove(name)
+        del self._using[name]
+        shutil.rmtree(self._adapter_path(name), ignore_errors=True)
+
     def _reload(self, url: str) -> None:
         """Pause (requests in flight are kept, frozen), reload the weights file in place, drop the
         prefix cache (running requests are preempted and recompute their KV with the new weights:
@@ -368,8 +487,9 @@ class VLLMEngine:
     def _call(self, url: str, path: str, **kwargs: Any) -> None:
         response = self._control.post(url + path, **kwargs)
         if response.status_code != 200:
-            raise RuntimeError(f"vLLM {url}{path} answered {response.status_code}: {response.text[:300]} "
-                               "(weight sync needs a server started with VLLM_SERVER_DEV_MODE=1)")
+            raise (_RefusedError if 400 <= response.status_code < 500 else RuntimeError)(f"vLLM {url}{path} answered {response.status_code}: {response.text[:300]} "
+                               "(weight sync needs a server started with VLLM_SERVER_DEV_MODE=1, "
+                               "adapter sync VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
 
     def step_metrics(self) -> dict[str, float]:
         """`sampler/retries` since the last call (the training loop logs it each step)."""
@@ -399,10 +519,12 @@ def _completion(data: dict[str, Any], version: int, top_k: int) -> Completion:
 
 
 def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
-                tokenizer: PreTrainedTokenizerBase, stop_token_ids: Collection[int]) -> VLLMEngine:
+                tokenizer: PreTrainedTokenizerBase, stop_token_ids: Collection[int],
+                lora_rank: int | None = None) -> VLLMEngine:
     """The engine for `model_cfg`: its servers load the model directory itself when it is a full
     Hugging Face model with untied embeddings; else (a LoRA adapter directory, tied embeddings,
-    the built-in tiny model) a copy of `model` that `save_untied` writes to the work directory."""
+    the built-in tiny model) a copy of `model` that `save_untied` writes to the work directory.
+    `lora_rank`: the job trains LoRA adapters of that rank, which the servers then serve."""
     from turnwise.policy.load import is_adapter_dir, resolve_device, resolve_dtype, resolve_model_dir
 
     dtype = str(resolve_dtype(model_cfg)).removeprefix("torch.")
@@ -427,7 +549,7 @@ def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
         path = work_dir / "model"
         save_untied(model, tokenizer, path, getattr(torch, dtype))
     return VLLMEngine(cfg, path, dtype=dtype, stop_token_ids=stop_token_ids, work_dir=work_dir, own_work_dir=True,
-                      untied=untied)
+                      untied=untied, lora_rank=lora_rank)
 
 
 def tied_names(model: PreTrainedModel) -> tuple[str, str] | None:

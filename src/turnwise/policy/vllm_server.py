@@ -3,22 +3,28 @@
 vLLM lives in its own virtualenv (`make vllm`: its pins conflict with ours), so turnwise runs it
 as a server process and talks HTTP to it, which is also how it is deployed on GPUs. The process
 gets its own session (process group), so `stop` ends vLLM's engine-core and worker children too;
-its output goes to a log file whose tail is quoted when it fails to start.
+its output goes to a log file whose tail is quoted when it fails to start. On Linux it also gets
+SIGTERM when turnwise dies without stopping it (SIGKILL, OOM): the kernel's parent-death signal,
+which follows the spawning thread, so every server is spawned by one long-lived thread.
 
 `VLLM_SERVER_DEV_MODE=1` is set: it enables the dev endpoints weight sync uses
-(`/collective_rpc`, `/reset_prefix_cache`). They are bound to 127.0.0.1 only.
+(`/collective_rpc`, `/reset_prefix_cache`); so is `VLLM_ALLOW_RUNTIME_LORA_UPDATING`, for
+`/v1/load_lora_adapter` (adapter sync). They are bound to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,6 +35,17 @@ SERVED_NAME = "policy"
 """The `--served-model-name` of every server turnwise starts."""
 STARTUP_TIMEOUT = 900.0
 """Seconds a server may take to answer /health (a big model's first load, CUDA graph capture)."""
+
+
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turnwise-vllm-spawn")
+"""Spawns every server: a parent-death signal fires when the spawning thread exits, and this one
+lives as long as the process."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the spawning thread (the process) is gone."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class VLLMStartError(ModelLoadError):
@@ -104,12 +121,15 @@ class VLLMServer:
             raise VLLMStartError(f"sampler.vllm.python not found: {self.python}; run `make vllm`, or set it to "
                                  "an interpreter with vLLM installed")
         self.port = free_port()
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("PYTHONPATH", None)  # turnwise's source tree must not shadow the vLLM venv's packages
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self._proc = _SPAWNER.submit(
+                subprocess.Popen, self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None).result()
         return self
 
     def wait(self) -> str:

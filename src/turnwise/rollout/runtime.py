@@ -54,8 +54,9 @@ def load_engine(cfg: JobConfig, model_path: str | None = None, *,
     if cfg.sampler.backend == "vllm":
         from turnwise.policy.vllm_engine import vllm_engine
 
+        lora = cfg.lora_sizes()
         return model, tokenizer, chat, vllm_engine(cfg.sampler.vllm, model_cfg, model, tokenizer,
-                                                   chat.stop_token_ids)
+                                                   chat.stop_token_ids, lora_rank=lora[0] if lora else None)
     engine = SamplerEngine(model, tokenizer, max_batch_size=cfg.sampler.max_batch_size,
                            stop_token_ids=chat.stop_token_ids, copy_model=copy_model)
     return model, tokenizer, chat, engine

@@ -7,8 +7,9 @@ ranks when `trainer.nproc` > 1, or a Tinker-API service with `trainer.backend: t
   computes in `model.dtype` under autocast; the sampler holds its own copy in `model.dtype`.
 - LoRA (`cfg.lora_sizes()`): adapters in fp32 on a frozen base in `model.dtype`; the sampler runs
   an adapter twin that shares the base tensors with the policy (`policy.checkpoint.adapter_twin`),
-  so there is no second base copy in one process and weight sync sends the adapters only. An
-  engine in other processes (vLLM servers) gets the merged weights instead.
+  so there is no second base copy in one process and weight sync sends the adapters only. vLLM
+  servers started with the job load each version's adapters by name (`VLLMEngine.serve_adapters`);
+  attached ones get the merged weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from turnwise.backends import TrainingBackend
 from turnwise.config import JobConfig
-from turnwise.policy.checkpoint import adapter_twin, apply_lora
+from turnwise.policy.checkpoint import adapter_state_dict, adapter_twin, apply_lora, export_state_dict
 from turnwise.policy.load import resolve_device, resolve_dtype
 from turnwise.train.backend import LocalBackend
 
@@ -39,12 +40,17 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
     model = rt.model
     sizes = cfg.lora_sizes()
     compute = resolve_dtype(cfg.model)
+    adapter_sync = False
     if sizes is not None:
         model = apply_lora(model, *sizes)
         if warm_dir is not None:
             model.peft_config["default"].base_model_name_or_path = str(warm_dir)
         if hasattr(rt.engine, "replace_model"):  # one process: the sampler runs an adapter twin
             rt.engine.replace_model(adapter_twin(model))
+            adapter_sync = True
+        elif hasattr(rt.engine, "serve_adapters"):  # vLLM: each version's adapters loaded by name
+            adapter_sync = rt.engine.serve_adapters(model.peft_config["default"], export_state_dict(model),
+                                                    adapter_state_dict(model))
     else:
         model.float()  # fp32 master weights; the sampler keeps its own copy in model.dtype
     if cfg.trainer.activation_checkpointing:
@@ -52,7 +58,7 @@ def open_backend(cfg: JobConfig, rt: Any, warm_dir: Path | None = None) -> Itera
     if cfg.trainer.nproc == 1:
         yield LocalBackend(model, rt.engine, tokenizer=rt.tokenizer, micro_batch_size=cfg.micro_batch_size,
                            temperature=cfg.temperature, kl_reference=cfg.kl_coef > 0, compute_dtype=compute,
-                           adapter_sync=sizes is not None and hasattr(rt.engine, "replace_model"))
+                           adapter_sync=adapter_sync)
         return
     from turnwise.train.distributed import DistributedBackend, LearnerSpec, RankGroup
 
