@@ -487,9 +487,10 @@ class VLLMEngine:
     def _call(self, url: str, path: str, **kwargs: Any) -> None:
         response = self._control.post(url + path, **kwargs)
         if response.status_code != 200:
-            raise (_RefusedError if 400 <= response.status_code < 500 else RuntimeError)(f"vLLM {url}{path} answered {response.status_code}: {response.text[:300]} "
-                               "(weight sync needs a server started with VLLM_SERVER_DEV_MODE=1, "
-                               "adapter sync VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+            error = _RefusedError if 400 <= response.status_code < 500 else RuntimeError
+            raise error(f"vLLM {url}{path} answered {response.status_code}: {response.text[:300]} "
+                        "(weight sync needs a server started with VLLM_SERVER_DEV_MODE=1, "
+                        "adapter sync VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
 
     def step_metrics(self) -> dict[str, float]:
         """`sampler/retries` since the last call (the training loop logs it each step)."""

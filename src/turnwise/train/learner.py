@@ -8,8 +8,8 @@ ranks when `trainer.nproc` > 1, or a Tinker-API service with `trainer.backend: t
 - LoRA (`cfg.lora_sizes()`): adapters in fp32 on a frozen base in `model.dtype`; the sampler runs
   an adapter twin that shares the base tensors with the policy (`policy.checkpoint.adapter_twin`),
   so there is no second base copy in one process and weight sync sends the adapters only. vLLM
-  servers started with the job load each version's adapters by name (`VLLMEngine.serve_adapters`);
-  attached ones get the merged weights.
+  servers load each version's adapters by name (`VLLMEngine.serve_adapters`); servers that cannot
+  (attached ones without `--enable-lora`) get the merged weights.
 """
 
 from __future__ import annotations
