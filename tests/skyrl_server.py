@@ -91,20 +91,53 @@ def random_qwen3(out: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     return out
 
 
+def tiny_qwen3(out: Path, tiny: Any = None) -> Path:
+    """turnwise's built-in tiny model in Qwen3's shape at `out`: `TinyModelConfig`'s sizes (default:
+    hidden 256, 4 layers, ~2.9M parameters), our 2,048-token BPE tokenizer and its Hermes chat
+    template, random weights. SkyRL's JAX backend implements Qwen3, not the tiny model's Qwen2; the
+    small vocabulary keeps its CPU fast (Qwen's own has 151,936 tokens)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from turnwise.config import TinyModelConfig
+    from turnwise.policy.tokenizer import IM_END, PAD, build_tiny_tokenizer
+
+    tiny = tiny or TinyModelConfig()
+    tokenizer = build_tiny_tokenizer(tiny.vocab_size)
+    eos_id, pad_id = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(PAD)
+    config = Qwen3Config(
+        vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
+        head_dim=tiny.hidden_size // tiny.num_attention_heads, intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings, max_window_layers=tiny.num_hidden_layers,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
+        use_sliding_window=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def run_server(model_dir: Path, work: Path, *, timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
-    """SkyRL's server on 127.0.0.1 serving `model_dir` (JAX on the CPU); (process, base URL) once healthy."""
+def run_server(model_dir: Path, work: Path, *, timeout: float = 300.0,
+               backend: dict[str, Any] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """SkyRL's server on 127.0.0.1 serving `model_dir` (JAX on the CPU); (process, base URL) once
+    healthy. `backend`: JAX backend settings over the defaults below (e.g. a larger `max_lora_rank`)."""
     import httpx
 
     port = free_port()
     log = (work / "skyrl.log").open("wb")
     # fixed batch shapes (sampling padded to 4 sequences, training 1 per micro-batch): fewer JIT compiles
-    backend = {"max_lora_adapters": 8, "max_lora_rank": 8, "sample_max_num_sequences": 4, "train_micro_batch_size": 1}
+    backend = {"max_lora_adapters": 8, "max_lora_rank": 8, "sample_max_num_sequences": 4, "train_micro_batch_size": 1,
+               **(backend or {})}
     cmd = [str(VENV_PYTHON), str(Path(__file__).resolve()), "--base-model", str(model_dir), "--backend", "jax",
            "--backend-config", json.dumps(backend), "--checkpoints-base", str(work / "checkpoints"),
            "--database-url", f"sqlite:///{work / 'tinker.db'}", "--host", "127.0.0.1", "--port", str(port)]
