@@ -14,9 +14,7 @@ a warm start to learn the answer format before RL has any reward to work with. `
   `trainer.backend=local max_steps=0`); its checkpoint becomes the base model the server loads,
   and RL trains LoRA adapters on it at the service;
 - `service`: the warm start runs at the service on the LoRA adapters (with `trainer.backend=tinker`
-  the warm start goes where RL goes). SkyRL 0.3.0 ignores the SDK's `train_unembed`, so the
-  random embeddings stay frozen: on this model it leaves the loss near the unigram entropy for
-  as long as we ran it (see README, "Training on a Tinker-compatible service").
+  the warm start goes where RL goes), so the random embeddings stay as they are.
 
 Validation runs at step 0 and after the last step only (`val_every=0`), so no step's times hold
 validation. Step 1 holds the server's JIT compiles and the step-0 validation's sampling (the

@@ -96,29 +96,10 @@ def tiny_qwen3(out: Path, tiny: Any = None) -> Path:
     hidden 256, 4 layers, ~2.9M parameters), our 2,048-token BPE tokenizer and its Hermes chat
     template, random weights. SkyRL's JAX backend implements Qwen3, not the tiny model's Qwen2; the
     small vocabulary keeps its CPU fast (Qwen's own has 151,936 tokens)."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
     from turnwise.config import TinyModelConfig
-    from turnwise.policy.tokenizer import IM_END, PAD, build_tiny_tokenizer
+    from turnwise.policy.tiny import build_tiny
 
-    tiny = tiny or TinyModelConfig()
-    tokenizer = build_tiny_tokenizer(tiny.vocab_size)
-    eos_id, pad_id = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(PAD)
-    config = Qwen3Config(
-        vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_hidden_layers,
-        num_attention_heads=tiny.num_attention_heads, num_key_value_heads=tiny.num_key_value_heads,
-        head_dim=tiny.hidden_size // tiny.num_attention_heads, intermediate_size=tiny.intermediate_size,
-        max_position_embeddings=tiny.max_position_embeddings, max_window_layers=tiny.num_hidden_layers,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
-        use_sliding_window=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tiny.seed)
-        model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny(tiny or TinyModelConfig(), out, "qwen3")
 
 
 def free_port() -> int:

@@ -27,7 +27,8 @@ from turnwise.config import VLLMConfig, load_config  # noqa: E402
 from turnwise.policy.chat import stop_token_ids_for  # noqa: E402
 from turnwise.policy.checkpoint import adapter_state_dict, apply_lora  # noqa: E402
 from turnwise.policy.logprobs import token_logprobs  # noqa: E402
-from turnwise.policy.vllm_engine import VLLMEngine, save_untied, tied_names  # noqa: E402
+from turnwise.policy.vllm_engine import VLLMEngine  # noqa: E402
+from turnwise.policy.vllm_model import save_untied, tied_names  # noqa: E402
 from turnwise.types import FinishReason, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow

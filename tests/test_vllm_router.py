@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from turnwise.config import ConfigError, JobConfig, load_config
-from turnwise.policy.vllm_engine import Router, _completion
+from turnwise.policy.vllm_engine import _completion
+from turnwise.policy.vllm_router import Router
 from turnwise.policy.vllm_server import VLLMServer, VLLMStartError
 from turnwise.types import FinishReason
 

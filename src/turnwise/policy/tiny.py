@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from turnwise.config import ModelConfig, TinyModelConfig
 from turnwise.policy.corpus import tiny_corpus
@@ -36,7 +37,7 @@ def tiny_model_dir(cfg: ModelConfig) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=root))
     try:
-        _build(cfg.tiny, tmp)
+        build_tiny(cfg.tiny, tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -56,20 +57,30 @@ def _config_hash(tiny: TinyModelConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _build(tiny: TinyModelConfig, out: Path) -> None:
+def build_tiny(tiny: TinyModelConfig, out: Path, architecture: Literal["qwen2", "qwen3"] = "qwen2") -> Path:
+    """The tiny model at `out` (uncached): `tiny`'s sizes, our tokenizer, random weights seeded by
+    `tiny.seed`. `architecture` qwen3: the same sizes in Qwen3's shape (q/k norms, no qkv bias),
+    for engines that implement Qwen3 only (SkyRL's JAX backend)."""
     tokenizer = build_tiny_tokenizer(tiny.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
-    config = Qwen2Config(
+    sizes = dict(
         vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size,
         num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
         num_key_value_heads=tiny.num_key_value_heads, intermediate_size=tiny.intermediate_size,
         max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, use_sliding_window=False,
     )
+    if architecture == "qwen3":
+        config = Qwen3Config(**sizes, head_dim=tiny.hidden_size // tiny.num_attention_heads,
+                             max_window_layers=tiny.num_hidden_layers)
+        model_class: type = Qwen3ForCausalLM
+    else:
+        config, model_class = Qwen2Config(**sizes), Qwen2ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tiny.seed)
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out

@@ -1,4 +1,5 @@
-"""VLLMEngine: the `Sampler` and `WeightSyncSampler` over vLLM servers (`sampler.backend: vllm`).
+"""VLLMEngine: the `Sampler` and `WeightSyncSampler` over vLLM servers (`sampler.backend: vllm`);
+`policy.vllm_model.vllm_engine` builds one for a job's model.
 
 Only token generation moves: the runtime server still renders prompts, captures turns and stores
 trajectories, and hands this engine token ids. Each request goes token-in/token-out to vLLM's
@@ -8,7 +9,7 @@ OpenAI completions endpoint: `prompt` is the id list, the answer carries the sam
 convention), `--generation-config vllm` (no model defaults such as top_k or a repetition penalty)
 and prefix caching.
 
-Routing (`Router`): a trajectory's turns (`cache_key`) go to the replica that served its last
+Routing (`policy.vllm_router.Router`): a trajectory's turns (`cache_key`) go to the replica that served its last
 turn, whose prefix cache holds its KV; a new trajectory goes to the replica with the fewest
 requests in flight. A request whose replica fails (connection error, 5xx) is tried again on
 another one (`sampler/retries` counts those tries) while the failed replica is restarted (a server
@@ -43,7 +44,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,24 +52,19 @@ from typing import Any
 
 import httpx
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from turnwise.config import ConfigError, ModelConfig, VLLMConfig
+from turnwise.config import VLLMConfig
 from turnwise.policy.sampler import EngineClosedError, PromptTooLongError
+from turnwise.policy.vllm_router import Router
 from turnwise.policy.vllm_server import (
     SERVED_NAME,
     STARTUP_TIMEOUT,
     VLLMServer,
     VLLMStartError,
-    resolve_python,
     wait_healthy,
 )
 from turnwise.types import Completion, FinishReason, SamplingParams
 
-_AFFINITY_ENTRIES = 100_000
-_CPU_KV_BYTES = 1 << 30
-"""KV cache of a CPU server unless `sampler.vllm.args` sizes it (1 GiB: 4096-token contexts of the
-tiny model for hundreds of sequences)."""
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for `--max-lora-rank`."""
@@ -94,41 +90,6 @@ class _Replica:
     up: bool = True
 
 
-class Router:
-    """Which replica serves a request: prefix affinity by `cache_key`, else the least loaded.
-    Thread-safe; the caller `release`s what `pick` returned."""
-
-    def __init__(self, n: int) -> None:
-        self.load = [0] * n
-        self.up = [True] * n
-        self._home: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def pick(self, cache_key: str | None, exclude: Collection[int] = ()) -> int | None:
-        """A live replica not in `exclude` (None: there is none now); counts the request on it."""
-        with self._lock:
-            live = [i for i, ok in enumerate(self.up) if ok and i not in exclude]
-            if not live:
-                return None
-            home = self._home.get(cache_key) if cache_key is not None else None
-            choice = home if home in live else min(live, key=lambda i: (self.load[i], i))
-            if cache_key is not None:
-                self._home[cache_key] = choice
-                self._home.move_to_end(cache_key)
-                while len(self._home) > _AFFINITY_ENTRIES:
-                    self._home.popitem(last=False)
-            self.load[choice] += 1
-            return choice
-
-    def release(self, i: int) -> None:
-        with self._lock:
-            self.load[i] -= 1
-
-    def set_up(self, i: int, up: bool) -> None:
-        with self._lock:
-            self.up[i] = up
-
-
 class VLLMEngine:
     """Samples on vLLM servers: started here (`cfg.replicas`) or attached (`cfg.urls`)."""
 
@@ -141,7 +102,7 @@ class VLLMEngine:
         """`work_dir`: weights and server logs (None: a temporary directory); removed on `close`
         when the engine made it (`own_work_dir`), unless TURNWISE_KEEP_VLLM_LOGS is set. `untied`:
         (input embedding, output layer) names of a tied pair that the served copy holds apart
-        (`save_untied`); a state dict naming only the first sends it as both. `lora_rank`: the
+        (`policy.vllm_model.save_untied`); a state dict naming only the first sends it as both. `lora_rank`: the
         servers started here serve LoRA adapters up to that rank (`serve_adapters`)."""
         self.cfg = cfg
         self.model_dir = model_dir
@@ -517,66 +478,3 @@ def _completion(data: dict[str, Any], version: int, top_k: int) -> Completion:
                                   key=lambda kv: -kv[1])[:top_k])
                      for d in logprobs_obj.get("top_logprobs") or ())
     return Completion(tokens, logprobs, finish, version, computed, tops)
-
-
-def vllm_engine(cfg: VLLMConfig, model_cfg: ModelConfig, model: PreTrainedModel,
-                tokenizer: PreTrainedTokenizerBase, stop_token_ids: Collection[int],
-                lora_rank: int | None = None) -> VLLMEngine:
-    """The engine for `model_cfg`: its servers load the model directory itself when it is a full
-    Hugging Face model with untied embeddings; else (a LoRA adapter directory, tied embeddings,
-    the built-in tiny model) a copy of `model` that `save_untied` writes to the work directory.
-    `lora_rank`: the job trains LoRA adapters of that rank, which the servers then serve."""
-    from turnwise.policy.load import is_adapter_dir, resolve_device, resolve_dtype, resolve_model_dir
-
-    dtype = str(resolve_dtype(model_cfg)).removeprefix("torch.")
-    memory_flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-    if resolve_device(model_cfg).type == "cpu" and not any(a.split("=")[0] in memory_flags for a in cfg.args) \
-            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        # vLLM's CPU default reserves 92% of the machine's memory (`--gpu-memory-utilization` counts
-        # CPU memory there) and refuses to start beside a trainer; a fixed KV cache instead
-        cfg = cfg.model_copy(update={"args": [*cfg.args, "--kv-cache-memory-bytes", str(_CPU_KV_BYTES)]})
-    if resolve_device(model_cfg).type == "cpu" and not any("chunked-prefill" in a for a in cfg.args):
-        # vLLM 0.32's CPU runner fails every request of a batch (HTTP 500, `CPU Generator does not
-        # use offset`) when a seeded request's prefill is split across steps; whole prefills only
-        cfg = cfg.model_copy(update={"args": [*cfg.args, "--no-enable-chunked-prefill"]})
-    cfg = cfg.model_copy(update={"python": resolve_python(cfg.python)})
-    if shutil.which(cfg.python) is None:
-        raise ConfigError(f"sampler.vllm.python not found: {cfg.python}; run `make vllm`, or set it to an "
-                          "interpreter with vLLM installed")
-    path = resolve_model_dir(model_cfg)
-    work_dir = Path(tempfile.mkdtemp(prefix="turnwise-vllm-"))
-    untied = tied_names(model)
-    if is_adapter_dir(path) or untied is not None:
-        path = work_dir / "model"
-        save_untied(model, tokenizer, path, getattr(torch, dtype))
-    return VLLMEngine(cfg, path, dtype=dtype, stop_token_ids=stop_token_ids, work_dir=work_dir, own_work_dir=True,
-                      untied=untied, lora_rank=lora_rank)
-
-
-def tied_names(model: PreTrainedModel) -> tuple[str, str] | None:
-    """(input embedding, output layer) parameter names when the two are one tensor, else None."""
-    head = model.get_output_embeddings()
-    if head is None or head.weight is not model.get_input_embeddings().weight:
-        return None
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
-    return (names[0], names[-1]) if len(names) == 2 else None
-
-
-def save_untied(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, dtype: torch.dtype) -> None:
-    """`model` as a Hugging Face directory whose output layer is its own tensor (equal to the
-    embedding). vLLM's in-place reload of a tied pair updates the embedding and leaves the
-    output layer's (CPU: prepacked) copy stale: logprobs then drift from the trainer's after the
-    first update. Held apart, both are reloaded."""
-    import copy
-
-    from safetensors.torch import save_file
-
-    config = copy.deepcopy(model.config)
-    config.tie_word_embeddings = False
-    path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(path)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
-    save_file({k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(path)

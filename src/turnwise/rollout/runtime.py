@@ -41,7 +41,7 @@ def load_engine(cfg: JobConfig, model_path: str | None = None, *,
                 copy_model: bool = True) -> tuple[Any, Any, Any, Any]:
     """(model, tokenizer, chat format, sampler engine) for `cfg.model` (or `model_path`); the
     engine holds its own copy of the weights (`copy_model` False: the model itself) and is not started.
-    `sampler.backend` vllm: the engine is vLLM servers (`policy/vllm_engine.py`), started with it."""
+    `sampler.backend` vllm: the engine is vLLM servers (`policy/vllm_model.py`), started with it."""
     from turnwise.policy.chat import ChatFormat
     from turnwise.policy.load import load_policy
     from turnwise.policy.sampler import SamplerEngine
@@ -52,7 +52,7 @@ def load_engine(cfg: JobConfig, model_path: str | None = None, *,
     model, tokenizer = load_policy(model_cfg)
     chat = ChatFormat(tokenizer, cfg.model.chat_format)
     if cfg.sampler.backend == "vllm":
-        from turnwise.policy.vllm_engine import vllm_engine
+        from turnwise.policy.vllm_model import vllm_engine
 
         lora = cfg.lora_sizes()
         return model, tokenizer, chat, vllm_engine(cfg.sampler.vllm, model_cfg, model, tokenizer,
