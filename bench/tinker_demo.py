@@ -128,6 +128,9 @@ def main() -> None:
     p.add_argument("--demos", type=int, default=None, help="first N demonstrations for the warm start (all: 2,048)")
     p.add_argument("--warm-epochs", type=int, default=2)
     p.add_argument("--warm-start", choices=("local", "service"), default="local")
+    p.add_argument("--base", type=Path, default=None,
+                   help="--warm-start local: reuse this earlier run's warm start (its checkpoints/warm_start) "
+                        "instead of running one")
     p.add_argument("--warm-lr", type=float, default=None,
                    help="warm start learning rate (default: the config's 2e-3, full weights)")
     p.add_argument("--lora-rank", type=int, default=32)
@@ -154,10 +157,14 @@ def main() -> None:
     t0 = time.perf_counter()
     model = tiny_qwen3(work / "tiny-qwen3")
     if args.warm_start == "local":  # full weights here; the server serves the result as its base model
-        local = turnwise_train([*common, *warm, f"model.path={model}", "max_steps=0"], work / "warm_start.log")
+        local = args.base.resolve() if args.base else turnwise_train(
+            [*common, *warm, f"model.path={model}", "max_steps=0"], work / "warm_start.log")
         model = local / "checkpoints" / "warm_start"
-        wall["warm_start_local_s"] = time.perf_counter() - t0
-        load["after_warm_start"] = loadavg()
+        if not model.is_dir():
+            sys.exit(f"--base {args.base}: no checkpoints/warm_start in it")
+        if not args.base:
+            wall["warm_start_local_s"] = time.perf_counter() - t0
+            load["after_warm_start"] = loadavg()
 
     t0 = time.perf_counter()
     proc, url = run_server(model, work, backend={"max_lora_rank": max(8, args.lora_rank),
