@@ -175,7 +175,8 @@ def main() -> None:
         run_dir = turnwise_train([
             *common, *(warm if args.warm_start == "service" else ["warm_start.demos_path=null"]),
             f"model.path={model}", "trainer.backend=tinker", "sampler.backend=tinker", f"tinker.base_url={url}",
-            "tinker.api_key=tml-local", f"tinker.base_model={model}", f"lora_rank={args.lora_rank}",
+            "tinker.api_key=tml-local", f"tinker.base_model={model}", "tinker.loss_reduction=sequence_mean",
+            f"lora_rank={args.lora_rank}",
             f"learning_rate={args.lr}", f"max_steps={args.steps}", f"global_batch_size={args.batch}",
             f"group_size={args.group}", *args.extra], work / "train.log")
         wall["turnwise_train_s"] = time.perf_counter() - t0

@@ -23,7 +23,7 @@ from skyrl_server import MISSING, VENV_PYTHON, random_qwen3, run_server, stop_se
 from turnwise.algo.losses import compute_loss
 from turnwise.config import ConfigError, default_loss_options, load_config
 from turnwise.train.backend import pad_datums
-from turnwise.train.tinker_backend import builtin_loss, datum_scales, to_tinker
+from turnwise.train.tinker_backend import builtin_loss, datum_scales, open_tinker, reduction_scales, to_tinker
 from turnwise.types import Datum, Segment
 
 DEMO = Path(__file__).parent.parent / "examples" / "support_desk" / "config.yaml"
@@ -54,7 +54,7 @@ def job(tmp_path: Path, url: str, model: Path, *extra: str):
         f"output_dir={tmp_path / 'runs'}", f"data.train_path={tmp_path / 'train.jsonl'}",
         # no warm start: the demos' long prompts would cost the server one more JIT compile (~1 min)
         f"data.val_path={tmp_path / 'val.jsonl'}", "warm_start.demos_path=null", "global_batch_size=2",
-        "group_size=2", "max_epochs=2", "val_every=0",
+        "group_size=2", "max_epochs=2", "val_every=0", "tinker.loss_reduction=sequence_mean",
         "sampling_max_tokens=12", "tracking.progress=false", "tracking.mlflow=false", "agent.function=e2e_agent:agent",
         f"model.path={model}", "trainer.backend=tinker", "sampler.backend=tinker", f"tinker.base_url={url}",
         f"tinker.api_key={KEY}", f"tinker.base_model={model}", "lora_rank=8", "learning_rate=1e-2", *extra])
@@ -138,6 +138,39 @@ def test_builtin_losses_equal_ours_on_the_server(server):
         assert server_loss == pytest.approx(float(ours), rel=1e-4, abs=1e-6), (loss_fn, mode, server_loss)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sequence_mean_reduction_is_undone(server):
+    """SkyRL's JAX backend divides each datum's loss by its target count and averages over the
+    datums (`tinker.loss_reduction: sequence_mean`); with `reduction_scales` its gradient is that of
+    the summed per-token terms, so masked trailing tokens and a zero-advantage datum change nothing."""
+    import tinker
+
+    from turnwise.policy.tinker import connect
+
+    url, model = server
+    client = connect(url, KEY).create_lora_training_client(base_model=str(model), rank=8, seed=0)
+
+    def grad_norm(datums: list[Datum], undo: bool) -> float:
+        scales = reduction_scales(datums, "importance_sampling", "sequence_mean") if undo else [1.0] * len(datums)
+        client.forward_backward([to_tinker(d, "importance_sampling", c) for d, c in zip(datums, scales, strict=True)],
+                                "importance_sampling").result()
+        metrics = client.optim_step(tinker.AdamParams(learning_rate=0.0)).result().metrics
+        return next(v for k, v in metrics.items() if k.endswith("grad_norm"))
+
+    d, other = _datums()
+    seg = d.segment
+    longer = Datum(Segment("t", seg.tokens_T + (300, 301, 302, 303, 304, 305), seg.loss_mask_T + (0,) * 6,
+                           seg.logprobs_T + (0.0,) * 6, seg.turn_T + (-1,) * 6, seg.versions_T + (-1,) * 6),
+                   d.advantages_T + (0.0,) * 6)
+    zero = Datum(other.segment, (0.0,) * len(other.advantages_T))
+    alone, padded = grad_norm([d], True), grad_norm([longer, zero], True)
+    assert alone > 0 and padded == pytest.approx(alone, rel=1e-3)
+    # without the scales the server's own reduction shows: 2 datums, 14 targets against 8
+    raw_alone, raw_padded = grad_norm([d], False), grad_norm([longer, zero], False)
+    assert raw_alone / raw_padded == pytest.approx(2 * 14 / 8, rel=1e-3)
+
+
 def test_builtin_mapping_and_scales():
     """Which options the built-ins can take, and each datum's share of the aggregate."""
     options = default_loss_options()
@@ -153,6 +186,9 @@ def test_builtin_mapping_and_scales():
     assert d.model_input.to_ints() == list(datums[0].segment.tokens_T[:-1])
     assert list(d.loss_fn_inputs["target_tokens"].data) == list(datums[0].segment.tokens_T[1:])
     assert list(d.loss_fn_inputs["advantages"].data) == [0.0] * 4 + [0.5] * 4
+    assert reduction_scales(datums, "ppo", "sum") == [1.0, 1.0]
+    assert reduction_scales(datums, "ppo", "sequence_mean") == [8 * 2, 9 * 2]  # targets x datums
+    assert reduction_scales(datums, "cross_entropy", "sequence_mean") == [1.0, 1.0]
 
 
 def test_tinker_backend_config_errors(tmp_path: Path):
@@ -162,3 +198,6 @@ def test_tinker_backend_config_errors(tmp_path: Path):
         tinker_engine(load_config(None, ["sampler.backend=tinker", f"model.path={tmp_path}"]))
     with pytest.raises(ConfigError, match="model.path"):
         tinker_engine(load_config(None, ["sampler.backend=tinker", "tinker.base_model=x"]))
+    with pytest.raises(ConfigError, match="forward_backward_custom"):  # refused before any connection
+        open_tinker(load_config(None, ["trainer.backend=tinker", "tinker.loss_reduction=sequence_mean",
+                                       "clip_ratio_c=3.0"]), None)

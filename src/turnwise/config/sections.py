@@ -84,6 +84,14 @@ class TinkerConfig(_Section):
     base_url: str | None = None  # None: $TINKER_BASE_URL, else Thinking Machines' service
     api_key: str | None = None  # None: $TINKER_API_KEY
     base_model: str | None = None  # the service's name of the model trained, e.g. Qwen/Qwen3-8B
+    loss_reduction: Literal["sum", "sequence_mean"] = "sum"
+    """How the service reduces a built-in loss over a call's datums. sum: every datum's per-token
+    terms summed (Tinker's documented semantics); sequence_mean: each datum's sum divided by its
+    weight sum (all its targets, as turnwise sends no weights to the RL losses), then the mean over
+    the datums of the optimizer step (SkyRL 0.3's JAX backend). turnwise scales the advantages so
+    that either gives its own loss; with sequence_mean, cross_entropy's weights cancel out (each
+    sequence's token mean, averaged) and `forward_backward_custom` cannot work, so only the RL
+    built-ins' options are accepted."""
 
 
 class DataConfig(_Section):

@@ -8,7 +8,9 @@ Losses: the service's built-in losses sum a per-token term over the targets; our
 (`loss_agg_mode`). Every built-in term is linear in its advantage (or weight) c·A with c > 0,
 so each datum's advantages are scaled by its share of the aggregate (token-mean: 1 / all loss
 tokens of the call; seq-mean-token-mean: 1 / (its tokens × sequences); ...) and the built-in
-gives our loss and gradient. `ppo`, `cispo`, `importance_sampling` and `cross_entropy` go to the
+gives our loss and gradient. A service that reduces otherwise (`tinker.loss_reduction:
+sequence_mean`, SkyRL 0.3's JAX backend: per-datum means, then their mean) gets the advantages
+multiplied back (`reduction_scales`). `ppo`, `cispo`, `importance_sampling` and `cross_entropy` go to the
 built-ins of those names when the options need nothing else (token-level ratio, no dual clip,
 TIS or KL); any other case, and every other registered loss, runs our own `compute_loss` on the
 service's logprobs through the SDK's `forward_backward_custom` (a forward, our loss and its
@@ -47,6 +49,10 @@ BUILTIN_LOSSES = ("ppo", "cispo", "importance_sampling", "cross_entropy")
 
 def open_tinker(cfg: JobConfig, rt: Any) -> TinkerBackend:
     """The backend of `trainer.backend: tinker` for an `EmbeddedRuntime` sampling at the service."""
+    if cfg.tinker.loss_reduction == "sequence_mean" and builtin_loss(cfg.loss_fn, cfg.loss_options()) is None:
+        raise ConfigError(f"tinker.loss_reduction sequence_mean: loss_fn {cfg.loss_fn} with these options runs "
+                          "through forward_backward_custom, whose signed weights such a service divides by; use "
+                          f"one of {', '.join(BUILTIN_LOSSES)} (token-level ratio, no dual clip, tis_cap or KL)")
     if not isinstance(rt.engine, TinkerSampler):
         raise ConfigError("trainer.backend tinker samples at the service too: set sampler.backend: tinker")
     if cfg.trainer.nproc != 1 or cfg.lora_alpha is not None:
@@ -61,7 +67,7 @@ def open_tinker(cfg: JobConfig, rt: Any) -> TinkerBackend:
         raise TinkerError(f"the Tinker service at {cfg.tinker.base_url or 'the default URL'} did not create a "
                           f"LoRA training client for {base_model!r}: {type(e).__name__}: {e}") from None
     return TinkerBackend(rt.engine.service, client, rt.engine, base_model=base_model, tokenizer=rt.tokenizer,
-                         local_model_path=cfg.model.path)
+                         local_model_path=cfg.model.path, loss_reduction=cfg.tinker.loss_reduction)
 
 
 def builtin_loss(loss_fn: str, options: LossOptions) -> tuple[str, dict[str, float] | None] | None:
@@ -88,6 +94,15 @@ def datum_scales(datums_D: Sequence[Datum], options: LossOptions) -> list[float]
         return [1.0 / live] * len(n)
     norm = options.loss_agg_norm or max(len(d.segment.tokens_T) for d in datums_D)
     return [1.0 / (live * norm)] * len(n)
+
+
+def reduction_scales(datums_D: Sequence[Datum], loss_fn: str, reduction: str) -> list[float]:
+    """Each datum's factor undoing the service's reduction (`tinker.loss_reduction`), so that the
+    service's gradient is that of the summed per-token terms: under sequence_mean, its target count
+    times the call's datums (cross_entropy: 1, its weights normalize themselves)."""
+    if reduction == "sum" or loss_fn == "cross_entropy":
+        return [1.0] * len(datums_D)
+    return [float((len(d.segment.tokens_T) - 1) * len(datums_D)) for d in datums_D]
 
 
 def to_tinker(d: Datum, loss_fn: str, scale: float, *, custom: bool = False) -> Any:
@@ -121,8 +136,10 @@ class TinkerBackend:
     """Trains LoRA adapters at a Tinker service; publishes sampling clients to `sampler`."""
 
     def __init__(self, service: Any, training_client: Any, sampler: TinkerSampler | None, *,
-                 base_model: str, tokenizer: Any, local_model_path: str | None = None) -> None:
+                 base_model: str, tokenizer: Any, local_model_path: str | None = None,
+                 loss_reduction: str = "sum") -> None:
         self.service = service
+        self.loss_reduction = loss_reduction
         self.client = training_client
         self.sampler = sampler
         self.base_model = base_model
@@ -145,8 +162,12 @@ class TinkerBackend:
         t0 = time.perf_counter()
         if builtin is not None:
             scales = datum_scales(datums_D, loss_options)
-            data = [to_tinker(d, loss_fn, c) for d, c in zip(datums_D, scales, strict=True)]
+            undo = reduction_scales(datums_D, loss_fn, self.loss_reduction)
+            data = [to_tinker(d, loss_fn, c * u) for d, c, u in zip(datums_D, scales, undo, strict=True)]
             out = self.client.forward_backward(data, builtin[0], builtin[1]).result()
+        elif self.loss_reduction != "sum":
+            raise TinkerError(f"tinker.loss_reduction {self.loss_reduction}: {loss_fn} with these options needs "
+                              "forward_backward_custom, which such a service cannot run")
         else:
             data = [to_tinker(d, loss_fn, 1.0, custom=True) for d in datums_D]
             out = self.client.forward_backward_custom(data, self._custom_loss(datums_D, loss_fn, loss_options)) \
