@@ -191,7 +191,7 @@ def main() -> None:
             "val_reward_local_sampler": next((r["reward/val"] for r in local_rows if "reward/val" in r), None),
             "loss_first": next(r["warm_start/loss"] for r in local_rows if "warm_start/loss" in r),
             "loss_last": [r["warm_start/loss"] for r in local_rows if "warm_start/loss" in r][-1]}
-    out["settings"] = vars(args) | {"work": str(work), "out": str(args.out) if args.out else None}
+    out["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"work": str(work)}
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
