@@ -4,7 +4,7 @@ with `trainer.backend=tinker sampler.backend=tinker` (issue 18). Prints the vali
 after the warm start and after RL, wall times, and each RL step's split between this process
 and the service (`speed/server_train_s`, `speed/server_sample_s`); `--out` writes them as JSON.
 
-    PYTHONPATH=src .venv/bin/python bench/tinker_demo.py --steps 8 --batch 8 --group 8
+    PYTHONPATH=src .venv/bin/python bench/tinker_demo.py --steps 20
 
 The model is turnwise's tiny model in Qwen3's shape (`tests/skyrl_server.tiny_qwen3`: SkyRL's JAX
 backend implements Qwen3, not Qwen2), random weights, our 2,048-token tokenizer. The demo needs
@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--warm-lr", type=float, default=None,
                    help="warm start learning rate (default: the config's 2e-3, full weights)")
     p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4, help="RL learning rate on the LoRA adapters")
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="RL learning rate on the LoRA adapters (10x the demo's full-weight 2e-4)")
     p.add_argument("--val-tasks", type=int, default=None, help="first N validation tasks (all: 64)")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="more overrides of the RL run")
