@@ -19,6 +19,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,6 @@ from pathlib import Path
 import httpx
 
 from turnwise.policy.load import ModelLoadError
-from turnwise.runtime.server import free_port
 
 SERVED_NAME = "policy"
 """The `--served-model-name` of every server turnwise starts."""
@@ -50,6 +50,13 @@ def _die_with_parent() -> None:
 
 class VLLMStartError(ModelLoadError):
     """A vLLM server did not come up; the message quotes its log's last line and names the log."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at the time of asking."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_healthy(url: str, timeout: float, alive: object = None) -> None:

@@ -20,13 +20,6 @@ from typing import Any
 import uvicorn
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 at the time of asking (for a child process to bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from turnwise.rollout.usage import run_usage
-from turnwise.runtime.server import free_port
 from turnwise.service.db import Job, ServiceStore
 from turnwise.service.executors import Executor, Launch
 from turnwise.service.lifecycle import JobCategory, JobStatus
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 RUNNING = (JobStatus.IN_PROGRESS, JobStatus.STOPPING)
 METRIC_PREFIXES = ("reward/", "loss/", "pass", "rollout/success", "exact_match", "mean_")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def find_run_dir(job: Job) -> Path | None:

@@ -41,6 +41,7 @@ import datetime
 import heapq
 import math
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,7 +63,6 @@ from turnwise.backends import WeightSyncSampler
 from turnwise.config import ModelConfig
 from turnwise.policy.checkpoint import apply_lora, is_lora, save_checkpoint
 from turnwise.policy.logprobs import TokenLogprobs
-from turnwise.runtime.server import free_port
 from turnwise.track.names import reduce_micro_batches
 from turnwise.train.backend import LocalBackend, loss_sizes
 from turnwise.types import AdamParams, Datum, LossOptions
@@ -121,7 +121,7 @@ class RankGroup:
                                  f"{os.environ['WORLD_SIZE']} ranks; set trainer.nproc to match")
             _init(0, world_size, None, device_type)
         else:
-            port = port or free_port()
+            port = port or _free_port()
             ctx = mp.get_context("spawn")
             self._procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, device_type),
                                        name=f"turnwise-rank-{rank}", daemon=True) for rank in range(1, world_size)]
@@ -263,6 +263,12 @@ class DistributedBackend:
 
 _STATE: dict[str, Any] = {}
 """This process's rank, its learner and (on rank 0, before `open`) the policy to shard."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def launched_rank() -> int:
