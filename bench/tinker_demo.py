@@ -141,6 +141,8 @@ def main() -> None:
                    help="more overrides of the RL run")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = p.parse_args()
+    if args.base and args.warm_start != "local":
+        sys.exit("--base is a local warm start: it goes with --warm-start local")
     if not VENV_PYTHON.is_file():
         sys.exit(MISSING)
     work = args.work.resolve()
@@ -156,14 +158,16 @@ def main() -> None:
     wall: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    model = tiny_qwen3(work / "tiny-qwen3")
-    if args.warm_start == "local":  # full weights here; the server serves the result as its base model
-        local = args.base.resolve() if args.base else turnwise_train(
-            [*common, *warm, f"model.path={model}", "max_steps=0"], work / "warm_start.log")
+    if args.base:  # an earlier run's local warm start, already on full weights
+        local = args.base.resolve()
         model = local / "checkpoints" / "warm_start"
         if not model.is_dir():
             sys.exit(f"--base {args.base}: no checkpoints/warm_start in it")
-        if not args.base:
+    else:
+        model = tiny_qwen3(work / "tiny-qwen3")
+        if args.warm_start == "local":  # full weights here; the server serves the result as its base model
+            local = turnwise_train([*common, *warm, f"model.path={model}", "max_steps=0"], work / "warm_start.log")
+            model = local / "checkpoints" / "warm_start"
             wall["warm_start_local_s"] = time.perf_counter() - t0
             load["after_warm_start"] = loadavg()
 
