@@ -208,6 +208,10 @@ class KVBatch:
     def row_kv(self, slot: int) -> list[KV]:
         """Slot `slot`'s real tokens as contiguous `[1, H, n, D]` tensors per layer."""
         cols = self.valid_B_L[slot].nonzero().squeeze(1)
+        if len(cols) and int(cols[-1]) - int(cols[0]) + 1 == len(cols):  # no gap (the usual case): one slice
+            lo, hi = self.start + int(cols[0]), self.start + int(cols[-1]) + 1
+            return [(layer.buffer_k[slot: slot + 1, :, lo:hi].clone(), layer.buffer_v[slot: slot + 1, :, lo:hi].clone())
+                    for layer in self.layers]
         return [(layer.keys[slot: slot + 1, :, cols].clone(), layer.values[slot: slot + 1, :, cols].clone())
                 for layer in self.layers]
 

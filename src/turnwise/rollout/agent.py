@@ -83,8 +83,9 @@ def as_agent_result(value: Any) -> AgentResult:
 
 
 async def run_agent(agent: AgentFn, task: Task, ctx: RolloutContext, timeout: float,
-                    client: Any = None) -> AgentRun:
-    """Run user agent code once with a client for `ctx` (or `client`), closed afterwards."""
+                    client: Any = None, *, close: bool = True) -> AgentRun:
+    """Run user agent code once with a client for `ctx` (or `client`), closed afterwards unless
+    `close` is False (a client on a shared connection pool: closing it would close the pool)."""
     client = client if client is not None else ctx.async_openai()
     try:
         value = await asyncio.wait_for(agent(dict(task.row), client, ctx), timeout)
@@ -93,7 +94,8 @@ async def run_agent(agent: AgentFn, task: Task, ctx: RolloutContext, timeout: fl
     except Exception as e:  # the agent is user code: any failure is that rollout's outcome
         return AgentRun(None, FailureKind.AGENT_ERROR, f"{type(e).__name__}: {e}")
     finally:
-        await client.close()
+        if close:
+            await client.close()
     try:
         return AgentRun(as_agent_result(value))
     except BadReward as e:

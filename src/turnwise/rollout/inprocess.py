@@ -1,24 +1,32 @@
 """The in-process dispatcher (`agent.kind: python`): an async agent function in this process.
 
 It runs the agent (`rollout.agent.run_agent`), checks its rewards against the recorded
-trajectory, then reports complete-rollout and update-reward over HTTP, the same path an external
-agent takes, and reads the recorded trajectory back. A rollout that fails is FAILED in the store
+trajectory, then seals and rewards it in the store (the transactions the complete-rollout and
+update-reward routes run; this is the trainer's side, in the runtime's process, so it skips their
+HTTP hops) and reads the recorded trajectory back. A rollout that fails is FAILED in the store
 with its `FailureKind` and message; nothing is raised.
+
+The agent's model calls still go over HTTP with the real OpenAI client, one per rollout carrying
+that rollout's headers; the clients of one `run_groups` share one connection pool (a client of its
+own costs ~2 ms of CPU and a new connection per rollout, under the GIL the sampler needs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import openai
+
 from turnwise.adapter.context import RolloutContext
-from turnwise.adapter.feedback import FeedbackClient
 from turnwise.rollout.agent import NO_MODEL_CALL, AgentFn, run_agent
 from turnwise.rollout.base import as_groups
-from turnwise.runtime.store import TrajectoryStore
-from turnwise.types import FailureKind, Group, RolloutResult, Task
+from turnwise.runtime.rollout_routes import INVALID_REWARD
+from turnwise.runtime.store import TrajectoryStore, TransitionError
+from turnwise.types import FailureKind, Group, RolloutResult, Task, TrajectoryStatus
 
 
 class InProcessDispatcher:
@@ -39,18 +47,23 @@ class InProcessDispatcher:
 
     async def run_groups(self, tasks: Sequence[Task], group_size: int,
                          inference_params: Mapping[str, Any]) -> list[Group]:
-        async with FeedbackClient(self.base_url, api_key=self.api_key) as feedback:
-            results = await asyncio.gather(*(self._run_one(task, inference_params, None, feedback)
+        async with self._http() as http:
+            results = await asyncio.gather(*(self._run_one(task, inference_params, None, http)
                                              for task in tasks for _ in range(group_size)))
         return as_groups(tasks, group_size, results)
 
     async def run_one(self, task: Task, inference_params: Mapping[str, Any],
                       trajectory_id: str | None = None) -> RolloutResult:
-        async with FeedbackClient(self.base_url, api_key=self.api_key) as feedback:
-            return await self._run_one(task, inference_params, trajectory_id, feedback)
+        async with self._http() as http:
+            return await self._run_one(task, inference_params, trajectory_id, http)
+
+    def _http(self) -> openai.DefaultAsyncHttpxClient:
+        """The connection pool the rollouts' OpenAI clients share (no TLS setup for plain http)."""
+        plain = self.base_url.startswith("http://")
+        return openai.DefaultAsyncHttpxClient(**({"verify": False} if plain else {}))
 
     async def _run_one(self, task: Task, inference_params: Mapping[str, Any], trajectory_id: str | None,
-                       feedback: FeedbackClient) -> RolloutResult:
+                       http: openai.DefaultAsyncHttpxClient) -> RolloutResult:
         async with self.limit:
             ctx = RolloutContext(trajectory_id=trajectory_id or self.store.new_trajectory_id(),
                                  base_url=self.base_url, model=self.model,
@@ -58,20 +71,36 @@ class InProcessDispatcher:
             self.store.begin(ctx.trajectory_id, task_id=task.id)  # the runtime's SampleContext names it
             self.store.expect_sampling(ctx.trajectory_id, inference_params)  # runtime.sampling_overrides
             start = time.perf_counter()
-            run = await run_agent(self.agent, task, ctx, self.timeout)
+            run = await run_agent(self.agent, task, ctx, self.timeout, ctx.async_openai(http_client=http),
+                                  close=False)
             seconds = time.perf_counter() - start
             failure, error = run.failure, run.error
             if run.result is not None:
                 failure, error = check_rewards(self.store, ctx.trajectory_id, run.result.rewards,
                                                self.require_model_call)
             if failure is None and run.result is not None:
-                await feedback.complete_rollout(ctx.trajectory_id, "ready")
-                await feedback.update_reward(ctx.trajectory_id, list(run.result.rewards))
+                failure, error = seal(self.store, ctx.trajectory_id, run.result.rewards)
             if failure is not None:
                 self.store.fail(ctx.trajectory_id, failure, error or failure.value)
             return RolloutResult(task=task, trajectory=self.store.get(ctx.trajectory_id), seconds=seconds,
                                  metrics=dict(run.result.metrics) if run.result else {},
                                  state=run.result.state if run.result else None)
+
+
+def seal(store: TrajectoryStore, trajectory_id: str,
+         rewards: Sequence[float]) -> tuple[FailureKind | None, str | None]:
+    """Complete a checked rollout as ready and store its rewards, as the two feedback routes do
+    (and as `FeedbackClient` takes their answers: a trajectory already sealed or rewarded, e.g. by
+    an agent that reported itself, is left as it is; a reward the store refuses fails the rollout)."""
+    with contextlib.suppress(TransitionError):
+        store.complete(trajectory_id, TrajectoryStatus.READY)
+    try:
+        store.set_rewards(trajectory_id, rewards)
+    except TransitionError:
+        pass
+    except ValueError as e:  # not finite: the route's 400
+        return FailureKind.BAD_REWARD, f"{INVALID_REWARD}: {e}"
+    return None, None
 
 
 def check_rewards(store: TrajectoryStore, trajectory_id: str, rewards: Sequence[float],
